@@ -56,3 +56,64 @@ def make_tiny_tokenizer(vocab_size: int = 400) -> PreTrainedTokenizerFast:
         extra_special_tokens={"image_token": "<image>"},
         additional_special_tokens=SPECIAL_TOKENS[4:],
     )
+
+
+def make_tiny_vision_dir(path: str | Path, family: str = "clip", image_size: int = 16, patch_size: int = 8) -> Path:
+    """A random 2-layer vision encoder saved as an HF folder: family clip | siglip | dinov2."""
+    import torch
+    from transformers import CLIPVisionConfig, CLIPVisionModel, Dinov2Config, Dinov2Model, SiglipVisionConfig, SiglipVisionModel
+
+    common = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+                  image_size=image_size, patch_size=patch_size)
+    families = {
+        "clip": (CLIPVisionConfig, CLIPVisionModel),
+        "siglip": (SiglipVisionConfig, SiglipVisionModel),
+        "dinov2": (Dinov2Config, Dinov2Model),
+    }
+    if family not in families:
+        raise ValueError(f"unknown tiny vision family {family!r}; valid: {', '.join(families)}")
+    config_cls, model_cls = families[family]
+    torch.manual_seed(0)
+    model = model_cls(config_cls(**common))
+    path = Path(path)
+    model.save_pretrained(path)
+    return path
+
+
+def make_tiny_llm_dir(path: str | Path, hidden_size: int = 64, with_image_token: bool = False) -> Path:
+    """A random 2-layer Llama with the tiny tokenizer, saved as an HF folder.
+
+    By default the tokenizer has no named image token, so assembly's token-adding path is exercised."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tok = make_tiny_tokenizer()
+    if not with_image_token:
+        tok = PreTrainedTokenizerFast(tokenizer_object=tok.backend_tokenizer, bos_token="<s>", eos_token="</s>")
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        hidden_size=hidden_size, intermediate_size=2 * hidden_size, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, vocab_size=len(tok), max_position_embeddings=512, bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id, pad_token_id=None,
+    )
+    path = Path(path)
+    LlamaForCausalLM(config).save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+def make_tiny_llava(out_dir: str | Path, *, family: str = "clip", projector: str = "mlp2x_gelu", image_mode: str = "pad",
+                    template: str = "chatml_direct", image_size: int = 16, grid_pinpoints=None,
+                    vision_feature_layer: int | list[int] = -2) -> Path:
+    """Assemble a tiny LLaVA checkpoint through the real assembly path (parts saved under out_dir/parts)."""
+    from llava.assemble import assemble
+    from llava.config import AssemblySpec
+
+    out_dir = Path(out_dir)
+    vision = make_tiny_vision_dir(out_dir / "parts" / f"vision-{family}", family, image_size=image_size)
+    llm = make_tiny_llm_dir(out_dir / "parts" / "llm")
+    spec = AssemblySpec(
+        vision_encoder=str(vision), llm=str(llm), template=template, projector=projector, image_mode=image_mode,
+        grid_pinpoints=grid_pinpoints, vision_feature_layer=vision_feature_layer,
+    )
+    return assemble(spec, out_dir / "model")

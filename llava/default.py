@@ -1,0 +1,101 @@
+"""The embedded default model: DINOv2-small + SmolLM2-135M-Instruct + the trained pieces in assets/default/.
+
+`default_model_dir()` assembles the shipped parts (no network), loads the trained projector
+(`projector.safetensors`) and folds in the LoRA adapter (`adapter/`) when present, and caches the result as an HF
+llava folder keyed by the content of those assets, so a retrained default rebuilds and an unchanged one is reused.
+Without trained assets the projector is freshly initialised (the model then only answers text-only questions well).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForImageTextToText, AutoTokenizer
+
+from llava.assemble import assemble, save_checkpoint
+from llava.config import META_KEY, AssemblySpec, LlavaMeta
+from llava.images import ImageProcessing
+from llava.parts import SHIPPED_LLM, SHIPPED_VISION, cache_dir
+from llava.weights import read_file
+
+DEFAULT_SPEC = AssemblySpec(
+    vision_encoder=SHIPPED_VISION,
+    llm=SHIPPED_LLM,
+    template="chatml_direct",
+    image_size=112,  # 8x8 = 64 patch tokens: easy-VQA images are 64 px
+    image_mode="pad",
+)
+
+
+class DefaultModelError(RuntimeError):
+    """The trained pieces in assets/ do not fit the assembled default model."""
+
+
+def assets_dir() -> Path:
+    return Path(os.environ.get("LLAVA_ASSETS", Path(__file__).resolve().parents[1] / "assets")) / "default"
+
+
+def default_spec() -> AssemblySpec:
+    spec_file = assets_dir() / "spec.json"
+    return AssemblySpec(**json.loads(spec_file.read_text())) if spec_file.is_file() else DEFAULT_SPEC
+
+
+def _digest(paths: list[Path], extra: str) -> str:
+    h = hashlib.sha256(extra.encode())
+    for p in sorted(paths):
+        h.update(p.name.encode())
+        h.update(p.read_bytes())
+    return h.hexdigest()[:16]
+
+
+def _trained_files() -> list[Path]:
+    root = assets_dir()
+    files = [root / "projector.safetensors"] if (root / "projector.safetensors").is_file() else []
+    adapter = root / "adapter"
+    if adapter.is_dir():
+        files += [f for f in adapter.iterdir() if f.is_file()]
+    return files
+
+
+def default_model_dir() -> Path:
+    """Build (once) and return the default model's HF folder."""
+    spec = default_spec()
+    spec_json = spec.model_dump_json()
+    base = cache_dir() / "default" / f"base-{_digest([], spec_json)}"
+    if not (base / "config.json").is_file():
+        assemble(spec, base)
+    trained = _trained_files()
+    if not trained:
+        return base
+    out = cache_dir() / "default" / f"trained-{_digest(trained, spec_json)}"
+    if (out / "config.json").is_file():
+        return out
+    model = AutoModelForImageTextToText.from_pretrained(base, dtype=torch.float32)
+    projector_file = assets_dir() / "projector.safetensors"
+    if projector_file.is_file():
+        _load_projector(model, read_file(projector_file))
+    if (assets_dir() / "adapter").is_dir():
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, assets_dir() / "adapter").merge_and_unload()
+    config = json.loads((base / "config.json").read_text())
+    meta = LlavaMeta(**config[META_KEY])
+    setattr(model.config, META_KEY, meta.model_dump())
+    tokenizer = AutoTokenizer.from_pretrained(base)
+    return save_checkpoint(model.eval(), tokenizer, ImageProcessing.from_dict(meta.image_processing), meta.template, out)
+
+
+def _load_projector(model, state: dict[str, torch.Tensor]) -> None:
+    own = {k: v for k, v in model.state_dict().items() if k.startswith("model.multi_modal_projector.")}
+    if set(state) != set(own):
+        raise DefaultModelError(
+            f"assets projector keys {sorted(state)} do not match the model's {sorted(own)}; rebuild with train.build_default"
+        )
+    for k, v in state.items():
+        if v.shape != own[k].shape:
+            raise DefaultModelError(f"assets projector {k} has shape {tuple(v.shape)}, model expects {tuple(own[k].shape)}")
+    model.load_state_dict(state, strict=False)

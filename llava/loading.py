@@ -1,0 +1,221 @@
+"""Load any supported checkpoint into one `LoadedModel`: model + tokenizer + template + image processing.
+
+Accepted `path`s:
+- `default`: the embedded default model (DINOv2-small + SmolLM2-135M-Instruct + trained pieces in assets/).
+- an HF llava / llava_next / llava_variant folder or hub id (llava-hf/...).
+- an original LLaVA (liuhaotian-format) checkpoint: converted once into an HF folder in the cache.
+- a projector-only folder (mm_projector.*) or a LoRA adapter folder, with `model_base`.
+Weights are read from safetensors, or from .bin only through torch.load(weights_only=True). No trust_remote_code.
+The template comes from the checkpoint's own metadata, an explicit `template=`, or the model zoo's exact hub id.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+from transformers import AutoModelForImageTextToText, AutoTokenizer, BitsAndBytesConfig
+from transformers.utils import cached_file
+
+import llava.projector  # noqa: F401  (registers llava_variant with the Auto classes)
+from llava.config import META_KEY, LlavaMeta
+from llava.images import ImageProcessing, ProcessedImage, load_image, preprocess
+from llava.templates import Rendered, Template, TemplateError, get_template, render
+
+HF_LLAVA_TYPES = ("llava", "llava_next", "llava_variant")
+QUANT_SKIP = ["model.vision_tower", "model.multi_modal_projector", "lm_head"]
+
+
+class LoadError(ValueError):
+    """The path is not a loadable model, or needs something it was not given (model_base, template)."""
+
+
+@dataclass
+class LoadedModel:
+    """A ready model with everything needed to turn messages + images into inputs."""
+
+    model: Any
+    tokenizer: Any
+    template: Template
+    image_processing: ImageProcessing
+    name: str
+    path: str
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def image_token_id(self) -> int:
+        return self.model.config.image_token_id
+
+    @property
+    def context_length(self) -> int:
+        return int(self.model.config.text_config.max_position_embeddings)
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.get_input_embeddings().weight.device
+
+    def process_images(self, images: Sequence, image_mode: str | None = None) -> list[ProcessedImage]:
+        """Decode (with the safety limits of load_image) and preprocess; `image_mode` overrides pad/resize/crop."""
+        proc = self.image_processing
+        if image_mode and image_mode != "default" and image_mode != proc.mode:
+            if "anyres" in (image_mode, proc.mode):
+                raise LoadError(f"image mode {image_mode!r} cannot be used with a {proc.mode!r} model")
+            proc = ImageProcessing.from_dict({**proc.to_dict(), "mode": image_mode})
+        return [preprocess(load_image(im), proc) for im in images]
+
+    def render(self, messages, images: Sequence[ProcessedImage] = (), add_generation_prompt: bool = True) -> Rendered:
+        """The one renderer, with `<image>` expanded to each image's feature-token count."""
+        return render(
+            messages, self.template, self.tokenizer,
+            image_token_counts=[im.num_tokens for im in images],
+            add_generation_prompt=add_generation_prompt,
+        )
+
+
+def read_config(path: str) -> dict | None:
+    """config.json of a folder or hub id (hub ids resolve from the local HF cache only when offline)."""
+    local = Path(path) / "config.json"
+    if local.is_file():
+        return json.loads(local.read_text())
+    if Path(path).exists():
+        return None
+    try:
+        resolved = cached_file(path, "config.json")
+    except OSError as e:
+        raise LoadError(f"cannot find model {path!r}: not a folder, and the hub id is not available ({e})") from e
+    return json.loads(Path(resolved).read_text())
+
+
+def quantization_config(quantization: str | None, compute_dtype: torch.dtype):
+    if quantization is None:
+        return None
+    if quantization == "8bit":
+        return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=QUANT_SKIP)
+    if quantization == "4bit":
+        return BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=compute_dtype, llm_int8_skip_modules=QUANT_SKIP,
+        )
+    raise LoadError(f"unknown quantization {quantization!r}; valid: 8bit, 4bit")
+
+
+def resolve_template(explicit: str | None, meta: LlavaMeta | None, path: str) -> Template:
+    if explicit:
+        return get_template(explicit)
+    if meta is not None:
+        return get_template(meta.template)
+    from llava.zoo import get_entry  # the zoo knows exact hub ids; never guess from folder names
+
+    try:
+        return get_template(get_entry(path).template)
+    except KeyError:
+        pass
+    raise TemplateError(
+        f"{path!r} does not record its conversation template; pass template=... (e.g. --template vicuna_v1)"
+    )
+
+
+def image_processing_from_hf(path: str, config: dict) -> ImageProcessing:
+    """Image processing of an HF llava folder without our metadata, from its processor and vision config."""
+    try:
+        pre = json.loads(Path(cached_file(path, "preprocessor_config.json")).read_text())
+    except OSError:
+        pre = {}
+    vision = config.get("vision_config", {})
+    size = vision.get("image_size", 336)
+    strategy = config.get("vision_feature_select_strategy", "default")
+    prefix = 0 if vision.get("model_type") == "siglip_vision_model" else 1
+    if config.get("model_type") == "llava_next":
+        mode = "anyres"
+    elif pre.get("do_pad"):
+        mode = "pad"
+    elif pre.get("do_center_crop", True):
+        mode = "crop"
+    else:
+        mode = "resize"
+    pinpoints = config.get("image_grid_pinpoints")
+    return ImageProcessing(
+        mode=mode, size=size, patch_size=vision.get("patch_size", 14),
+        mean=tuple(pre.get("image_mean", (0.48145466, 0.4578275, 0.40821073))),
+        std=tuple(pre.get("image_std", (0.26862954, 0.26130258, 0.27577711))),
+        num_prefix_tokens=prefix, keep_cls=strategy == "full" and prefix > 0,
+        grid_pinpoints=tuple(tuple(p) for p in pinpoints) if pinpoints and mode == "anyres" else None,
+    )
+
+
+def _is_adapter(path: str) -> bool:
+    return (Path(path) / "adapter_config.json").is_file()
+
+
+def resolve_path(path: str, model_base: str | None, template: str | None = None) -> str:
+    """Turn every accepted input into an HF llava folder (or hub id), converting once where needed."""
+    from llava import convert  # conversion pulls in assembly; only needed for non-HF inputs
+
+    if path == "default":
+        from llava.default import default_model_dir
+
+        return str(default_model_dir())
+    if _is_adapter(path):
+        if model_base is None:
+            raise LoadError(f"{path} is a LoRA adapter: pass model_base (the model it was trained on)")
+        return str(convert.merge_lora(path, model_base, template=template))
+    config = read_config(path)
+    if config is None:
+        if model_base and convert.find_projector_file(path):
+            return str(convert.convert_original(path, model_base=model_base, template=template))
+        raise LoadError(f"{path} has no config.json; is it a model folder?")
+    if config.get("model_type") in HF_LLAVA_TYPES:
+        return path
+    if "mm_vision_tower" in config or "mm_projector_type" in config:
+        return str(convert.convert_original(path, model_base=model_base, template=template))
+    raise LoadError(
+        f"{path} has model_type {config.get('model_type')!r}: not a llava checkpoint. For a plain LLM, assemble one "
+        f"with llava.assemble (vision encoder + projector + this LLM)."
+    )
+
+
+def load_model(
+    path: str,
+    *,
+    model_base: str | None = None,
+    template: str | None = None,
+    image_mode: str | None = None,
+    quantization: str | None = None,
+    device: str = "cpu",
+    dtype: torch.dtype | str | None = None,
+    name: str | None = None,
+) -> LoadedModel:
+    """Load a llava model for inference (eval mode)."""
+    hf_path = resolve_path(path, model_base, template)
+    config = read_config(hf_path) or {}
+    meta = LlavaMeta(**config[META_KEY]) if META_KEY in config else None
+    tmpl = resolve_template(template, meta, path)
+    proc = ImageProcessing.from_dict(meta.image_processing) if meta else image_processing_from_hf(hf_path, config)
+    if image_mode and image_mode not in ("default", proc.mode):
+        proc = ImageProcessing.from_dict({**proc.to_dict(), "mode": image_mode})
+
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype)
+    if dtype is None:
+        dtype = torch.float16 if device.startswith("cuda") else torch.float32
+    kwargs: dict[str, Any] = dict(dtype=dtype, trust_remote_code=False)
+    qconf = quantization_config(quantization, dtype)
+    if qconf is not None:
+        kwargs["quantization_config"] = qconf
+        kwargs["device_map"] = {"": device}
+    model = AutoModelForImageTextToText.from_pretrained(hf_path, **kwargs)
+    if qconf is None:
+        model.to(device)
+    tokenizer = AutoTokenizer.from_pretrained(hf_path)
+    if getattr(tokenizer, "image_token_id", None) != model.config.image_token_id:
+        raise LoadError(
+            f"{path}: tokenizer image token id {getattr(tokenizer, 'image_token_id', None)} != model image_token_id "
+            f"{model.config.image_token_id}"
+        )
+    return LoadedModel(
+        model=model.eval(), tokenizer=tokenizer, template=tmpl, image_processing=proc,
+        name=name or Path(path.rstrip("/")).name or path, path=hf_path,
+    )
