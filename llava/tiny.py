@@ -104,14 +104,14 @@ def make_tiny_llm_dir(path: str | Path, hidden_size: int = 64, with_image_token:
 
 def make_tiny_llava(out_dir: str | Path, *, family: str = "clip", projector: str = "mlp2x_gelu", image_mode: str = "pad",
                     template: str = "chatml_direct", image_size: int = 16, grid_pinpoints=None,
-                    vision_feature_layer: int | list[int] = -2) -> Path:
+                    vision_feature_layer: int | list[int] = -2, llm_hidden_size: int = 64) -> Path:
     """Assemble a tiny LLaVA checkpoint through the real assembly path (parts saved under out_dir/parts)."""
     from llava.assemble import assemble
     from llava.config import AssemblySpec
 
     out_dir = Path(out_dir)
     vision = make_tiny_vision_dir(out_dir / "parts" / f"vision-{family}", family, image_size=image_size)
-    llm = make_tiny_llm_dir(out_dir / "parts" / "llm")
+    llm = make_tiny_llm_dir(out_dir / "parts" / "llm", hidden_size=llm_hidden_size)
     spec = AssemblySpec(
         vision_encoder=str(vision), llm=str(llm), template=template, projector=projector, image_mode=image_mode,
         grid_pinpoints=grid_pinpoints, vision_feature_layer=vision_feature_layer,

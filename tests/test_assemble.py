@@ -1,0 +1,132 @@
+"""Assembly from parts: every vision family and projector type, HF folder round trips, clear errors."""
+
+import json
+
+import pytest
+import torch
+from PIL import Image
+from transformers import AutoModelForImageTextToText, LlavaForConditionalGeneration
+
+from llava.assemble import AssemblyError, assemble
+from llava.config import AssemblySpec
+from llava.loading import LoadError, load_model
+from llava.projector import LlavaVariantForConditionalGeneration, ProjectorError, projector_depth
+from llava.tiny import make_tiny_llava, make_tiny_llm_dir, make_tiny_vision_dir
+
+
+def _image(seed: int = 0, size=(20, 12)) -> Image.Image:
+    g = torch.Generator().manual_seed(seed)
+    arr = (torch.rand(size[1], size[0], 3, generator=g) * 255).to(torch.uint8).numpy()
+    return Image.fromarray(arr)
+
+
+def _logits(lm, images=(_image(),), question="What color is the shape?"):
+    processed = lm.process_images(list(images))
+    content = "<image>\n" * len(processed) + question
+    rendered = lm.render([{"role": "user", "content": content}], processed)
+    ids = torch.tensor([rendered.input_ids])
+    kwargs = {}
+    if processed:
+        kwargs["pixel_values"] = torch.stack([p.pixel_values for p in processed])
+    with torch.no_grad():
+        return lm.model(input_ids=ids, **kwargs).logits
+
+
+@pytest.mark.parametrize("family", ["clip", "siglip", "dinov2"])
+def test_each_vision_family_assembles_and_runs(tmp_path, family):
+    path = make_tiny_llava(tmp_path, family=family)
+    lm = load_model(str(path))
+    proc = lm.image_processing
+    # CLIP / DINOv2 emit a CLS token that the default strategy drops; SigLIP has none.
+    assert proc.num_prefix_tokens == (0 if family == "siglip" else 1)
+    expected_tokens = (16 // 8) ** 2
+    assert lm.process_images([_image()])[0].num_tokens == expected_tokens
+    logits = _logits(lm)
+    assert torch.isfinite(logits).all()
+    # The image really conditions the output.
+    assert not torch.allclose(_logits(lm, [_image(1)])[:, -1], logits[:, -1])
+
+
+@pytest.mark.parametrize("projector", ["linear", "mlp2x_gelu", "mlp3x_gelu"])
+def test_each_projector_round_trips_with_identical_logits(tmp_path, projector):
+    path = make_tiny_llava(tmp_path, projector=projector)
+    lm = load_model(str(path))
+    cls = LlavaForConditionalGeneration if projector == "mlp2x_gelu" else LlavaVariantForConditionalGeneration
+    assert type(lm.model) is cls
+    assert sum(1 for n, _ in lm.model.named_parameters() if "multi_modal_projector" in n and n.endswith("weight")) == projector_depth(projector)
+    before = _logits(lm)
+    lm.model.save_pretrained(tmp_path / "again")
+    lm.tokenizer.save_pretrained(tmp_path / "again")
+    again = AutoModelForImageTextToText.from_pretrained(tmp_path / "again").eval()
+    lm.model = again
+    assert torch.equal(before, _logits(lm))
+
+
+def test_standard_checkpoint_is_a_plain_transformers_folder(tmp_path):
+    path = make_tiny_llava(tmp_path)
+    files = {p.name for p in path.iterdir()}
+    assert {"config.json", "model.safetensors", "chat_template.jinja", "tokenizer.json", "processor_config.json"} <= files
+    config = json.loads((path / "config.json").read_text())
+    assert config["model_type"] == "llava" and config["llava"]["template"] == "chatml_direct"
+    model = LlavaForConditionalGeneration.from_pretrained(path)  # no llava import needed for the standard type
+    assert model.config.image_token_id == load_model(str(path)).tokenizer.image_token_id
+
+
+def test_identity_projector_needs_equal_widths(tmp_path):
+    with pytest.raises(ProjectorError, match="equal widths"):
+        make_tiny_llava(tmp_path / "a", projector="identity")
+    path = make_tiny_llava(tmp_path / "b", projector="identity", llm_hidden_size=32)
+    assert torch.isfinite(_logits(load_model(str(path)))).all()
+
+
+def test_multi_layer_features_concatenate(tmp_path):
+    path = make_tiny_llava(tmp_path, vision_feature_layer=[-2, -1])
+    lm = load_model(str(path))
+    assert lm.model.model.multi_modal_projector.linear_1.in_features == 64  # 2 layers x hidden 32
+    assert torch.isfinite(_logits(lm)).all()
+
+
+def test_two_images_in_one_conversation(tmp_path):
+    lm = load_model(str(make_tiny_llava(tmp_path)))
+    assert torch.isfinite(_logits(lm, [_image(0), _image(1)], "Compare them.")).all()
+
+
+def test_anyres_assembles_llava_next(tmp_path):
+    path = make_tiny_llava(tmp_path, image_mode="anyres", image_size=16, grid_pinpoints=[[16, 32], [32, 16], [32, 32]])
+    lm = load_model(str(path))
+    assert lm.model.config.model_type == "llava_next"
+    wide = lm.process_images([_image(0, size=(40, 18))])[0]
+    assert wide.pixel_values.shape[0] > 1 and wide.num_tokens > 4
+    processed = lm.process_images([_image(0, size=(40, 18))])
+    rendered = lm.render([{"role": "user", "content": "<image>\nDescribe."}], processed)
+    with torch.no_grad():
+        out = lm.model(
+            input_ids=torch.tensor([rendered.input_ids]),
+            pixel_values=processed[0].pixel_values[None],
+            image_sizes=torch.tensor([processed[0].image_size]),
+        )
+    assert torch.isfinite(out.logits).all()
+
+
+def test_bad_specs_name_the_cause(tmp_path):
+    vision = make_tiny_vision_dir(tmp_path / "v")
+    llm = make_tiny_llm_dir(tmp_path / "l")
+    with pytest.raises(AssemblyError, match="native"):
+        assemble(AssemblySpec(vision_encoder=str(vision), llm=str(llm), template="vicuna_v1", image_size=24), tmp_path / "o")
+    with pytest.raises(AssemblyError, match="grid_pinpoints"):
+        assemble(AssemblySpec(vision_encoder=str(vision), llm=str(llm), template="vicuna_v1", image_mode="anyres"), tmp_path / "o")
+    with pytest.raises(ProjectorError, match="valid"):
+        assemble(AssemblySpec(vision_encoder=str(vision), llm=str(llm), template="vicuna_v1", projector="mlp2x_relu"), tmp_path / "o")
+    with pytest.raises(ValueError, match="chatml_direct"):  # unknown template lists the valid ones
+        assemble(AssemblySpec(vision_encoder=str(vision), llm=str(llm), template="vicuna"), tmp_path / "o")
+    with pytest.raises(LoadError, match="not a llava checkpoint"):
+        load_model(str(llm))
+
+
+def test_quantized_8bit_loads_and_runs(tmp_path):
+    pytest.importorskip("bitsandbytes")
+    lm = load_model(str(make_tiny_llava(tmp_path)), quantization="8bit")
+    assert type(lm.model.model.language_model.layers[0].mlp.down_proj).__name__ == "Linear8bitLt"
+    # vision tower and projector stay in float (llm_int8_skip_modules)
+    assert lm.model.model.multi_modal_projector.linear_1.weight.dtype == torch.float32
+    assert torch.isfinite(_logits(lm)).all()
