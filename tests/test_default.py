@@ -1,0 +1,30 @@
+"""The embedded default model: the real DINOv2-small + SmolLM2-135M-Instruct, assembled offline (slow)."""
+
+import pytest
+import torch
+
+from llava.default import default_model_dir
+from llava.loading import load_model
+
+pytestmark = pytest.mark.slow
+
+
+def test_default_assembles_offline_and_answers_text_questions():
+    path = default_model_dir()
+    assert (path / "model.safetensors").is_file()
+    assert default_model_dir() == path  # cached, reused
+    lm = load_model("default")
+    assert lm.template.name == "chatml_direct"
+    assert lm.image_processing.size == 112 and lm.process_images([_red_square()])[0].num_tokens == 64
+    rendered = lm.render([{"role": "user", "content": "What is the capital of France?"}])
+    ids = torch.tensor([rendered.input_ids])
+    with torch.no_grad():
+        out = lm.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=20, do_sample=False)
+    reply = lm.tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+    assert "Paris" in reply, reply
+
+
+def _red_square():
+    from PIL import Image
+
+    return Image.new("RGB", (64, 64), (220, 20, 20))
