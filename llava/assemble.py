@@ -37,7 +37,7 @@ from transformers import (
 
 from llava.config import META_KEY, AssemblySpec, LlavaMeta
 from llava.images import ImageProcessing, num_image_tokens
-from llava.parts import cache_dir, gguf_to_hf_dir, is_shipped, shipped_dir
+from llava.parts import cached_gguf_dir, is_shipped, shipped_dir
 from llava.projector import STANDARD_PROJECTOR, LlavaVariantConfig, LlavaVariantForConditionalGeneration
 from llava.templates import IMAGE_PLACEHOLDER, get_template, to_jinja
 
@@ -74,8 +74,7 @@ def resolve_part(name: str) -> str:
         src = Path(name).resolve()
         if not src.is_file():
             raise AssemblyError(f"GGUF file not found: {name}")
-        st = src.stat()
-        return str(gguf_to_hf_dir(src, cache_dir() / "gguf" / f"{src.stem}-{st.st_size}-{int(st.st_mtime)}"))
+        return str(cached_gguf_dir(src))
     return name
 
 
