@@ -1,0 +1,211 @@
+"""Multi-turn terminal chat with streamed replies, in-process or against a controller.
+
+Run: `python -m serve.cli --model-path PATH [--image-file FILE_OR_URL ...]` (loads the model here), or
+`python -m serve.cli --controller-url http://127.0.0.1:21001 [--model-name NAME]` (asks the controller's workers).
+Commands typed at the prompt: `/image PATH_OR_URL` attaches an image to the next message, `/clear` starts over,
+`/exit` (or end of input) quits. The conversation is a `llava.chat.ChatSession`, rendered by the model's own
+template (in-process through `ServingModel.prepare_messages`, remotely by the worker's /worker_generate_messages).
+Errors print their real cause and leave the conversation as it was before the failed message.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import os
+import sys
+from collections.abc import Iterator
+from typing import Protocol
+
+import httpx
+
+from llava.chat import ChatSession, ChatStateError, image_bytes
+from llava.images import ImageError
+from llava.templates import ImageCountError
+from serve.common import FrameSplitter, fetch_image_url
+from serve.protocol import ErrorCode, SamplingFields, ServeError
+
+
+class Backend(Protocol):
+    name: str
+
+    def stream(self, session: ChatSession, fields: SamplingFields) -> Iterator[str]:
+        """Text deltas of the reply to the session's last user message; ServeError on failure."""
+
+    def close(self) -> None:
+        """Release the model / connections."""
+
+
+class LocalBackend:
+    """The model and the engine in this process."""
+
+    def __init__(self, args: argparse.Namespace):
+        from serve.model_worker import ServingModel  # loads torch/transformers only when needed
+
+        quant = "8bit" if args.load_8bit else "4bit" if args.load_4bit else None
+        self.serving = ServingModel.load(
+            args.model_path, names=[args.model_name] if args.model_name else None, max_batch_size=1,
+            model_base=args.model_base, template=args.template, quantization=quant, device=args.device,
+        )
+        self.serving.engine.start()
+        self.name = self.serving.names[0]
+
+    def close(self) -> None:
+        self.serving.engine.shutdown()  # join the scheduler thread before the interpreter tears torch down
+
+    def stream(self, session: ChatSession, fields: SamplingFields) -> Iterator[str]:
+        prepared = self.serving.prepare_messages(session.to_messages(), session.images, fields)
+        handle = self.serving.submit(prepared)
+        try:
+            for ev in handle:
+                if ev.finish_reason in ("error", "cancelled"):
+                    raise ServeError(ErrorCode.GENERATION_FAILED, f"generation failed: {ev.error or ev.finish_reason}")
+                yield ev.text
+        finally:
+            handle.cancel()  # no-op when finished; stops generation on Ctrl-C
+
+
+class RemoteBackend:
+    """A controller over HTTP (a single worker's URL works too when --model-name is given)."""
+
+    def __init__(self, url: str, model: str | None, timeout: float = 300.0):
+        self.url = url.rstrip("/")
+        self.client = httpx.Client(timeout=httpx.Timeout(connect=5.0, read=timeout, write=30.0, pool=30.0))
+        self.name = model or self._only_model()
+
+    def close(self) -> None:
+        self.client.close()
+
+    def _only_model(self) -> str:
+        try:
+            r = self.client.post(self.url + "/list_models")
+            r.raise_for_status()
+            models = r.json()["models"]
+        except (httpx.HTTPError, ValueError, KeyError) as e:
+            raise SystemExit(f"cannot list the models of {self.url} ({e!r}); is it a controller? "
+                             f"(for a worker, pass --model-name)") from None
+        if len(models) != 1:
+            raise SystemExit(f"the controller serves {models or 'no models'}; choose one with --model-name")
+        return models[0]
+
+    def stream(self, session: ChatSession, fields: SamplingFields) -> Iterator[str]:
+        payload = {
+            **fields.model_dump(exclude_none=True), "model": self.name, "messages": session.to_messages(),
+            "images": [base64.b64encode(b).decode() for b in session.images],
+        }
+        splitter = FrameSplitter()
+        try:
+            with self.client.stream("POST", self.url + "/worker_generate_messages", json=payload) as r:
+                for data in r.iter_raw():
+                    for chunk in splitter.feed(data):
+                        if chunk.get("error_code", 0):
+                            raise ServeError.from_chunk(chunk)
+                        yield chunk.get("delta", "")
+        except httpx.HTTPError as e:
+            raise ServeError(ErrorCode.WORKER_UNREACHABLE, f"{self.url} unreachable: {e!r}") from None
+
+
+def load_image_arg(src: str) -> bytes:
+    if src.startswith(("http://", "https://")):
+        return image_bytes(fetch_image_url(src, max_bytes=20 * 2**20, timeout=10.0))
+    if not os.path.isfile(src):
+        raise ImageError(f"no such image file: {src}")
+    return image_bytes(src)
+
+
+def reply(backend: Backend, session: ChatSession, fields: SamplingFields, out) -> None:
+    """Stream one reply; on failure restore the session and report the cause."""
+    out.write("ASSISTANT: ")
+    out.flush()
+    text = ""
+    try:
+        for delta in backend.stream(session, fields):
+            text += delta
+            out.write(delta)
+            out.flush()
+    except ServeError as e:
+        out.write(f"\n[error {e.code.name.lower()}: {e.message}]\n")
+        session.pop_user()
+        return
+    except KeyboardInterrupt:
+        out.write(" [stopped]")
+    out.write("\n")
+    session.add_assistant(text)
+
+
+def chat_loop(backend: Backend, session: ChatSession, fields: SamplingFields, pending: list[bytes], inp, out) -> None:
+    while True:
+        out.write("USER: ")
+        out.flush()
+        line = inp.readline()
+        if not line:
+            break
+        line = line.rstrip("\n")
+        command, _, arg = line.strip().partition(" ")
+        if command == "/exit":
+            break
+        if command == "/clear":
+            session.clear()
+            pending.clear()
+            out.write("(conversation cleared)\n")
+            continue
+        if command == "/image":
+            try:
+                pending.append(load_image_arg(arg.strip()))
+                out.write(f"(image attached: {arg.strip()}; it goes with your next message)\n")
+            except (ImageError, ServeError) as e:
+                out.write(f"[error bad_image: {e}]\n")
+            continue
+        if not line.strip():
+            continue
+        try:
+            session.add_user(line, pending)
+        except (ImageError, ImageCountError, ChatStateError) as e:
+            out.write(f"[error: {e}]\n")
+            continue
+        pending.clear()
+        reply(backend, session, fields, out)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description="LLaVA terminal chat")
+    p.add_argument("--model-path", default=None, help="load this model in-process (default | folder | hub id)")
+    p.add_argument("--model-base", default=None)
+    p.add_argument("--model-name", default=None, help="with --controller-url: which model to ask")
+    p.add_argument("--template", default=None)
+    p.add_argument("--controller-url", default=None, help="chat through a controller instead of loading a model")
+    p.add_argument("--image-file", action="append", default=[], help="image path or URL for the first message")
+    p.add_argument("--system", default=None, help="system prompt (default: the template's own)")
+    p.add_argument("--temperature", type=float, default=0.2)
+    p.add_argument("--top-p", type=float, default=0.7)
+    p.add_argument("--max-new-tokens", type=int, default=512)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--device", default="cpu")
+    q = p.add_mutually_exclusive_group()
+    q.add_argument("--load-8bit", action="store_true")
+    q.add_argument("--load-4bit", action="store_true")
+    return p
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    if (args.model_path is None) == (args.controller_url is None):
+        raise SystemExit("give exactly one of --model-path (in-process) or --controller-url")
+    try:
+        pending = [load_image_arg(f) for f in args.image_file]
+    except (ImageError, ServeError) as e:
+        raise SystemExit(f"--image-file: {e}") from None
+    fields = SamplingFields(temperature=args.temperature, top_p=args.top_p, max_new_tokens=args.max_new_tokens,
+                            seed=args.seed)
+    backend: Backend = (
+        RemoteBackend(args.controller_url, args.model_name) if args.controller_url else LocalBackend(args)
+    )
+    sys.stdout.write(f"chatting with {backend.name}; commands: /image PATH, /clear, /exit\n")
+    try:
+        chat_loop(backend, ChatSession(system=args.system), fields, pending, sys.stdin, sys.stdout)
+    finally:
+        backend.close()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,241 @@
+"""Small helpers shared by the servers: stream framing, request parsing with stable errors, the worker-URL
+allowlist, and per-app Prometheus registries.
+
+Promises:
+- `encode_chunk` / `FrameSplitter` implement the NUL-delimited JSON framing of `serve.protocol`; the splitter
+  accepts bytes cut anywhere and yields only complete chunks.
+- `parse_body(request, Model, max_bytes)` returns a validated pydantic model or raises `ServeError` with
+  BODY_TOO_LARGE, INVALID_JSON or INVALID_PARAMS and a message naming the field.
+- `AddressAllowlist` decides which URLs a controller may register (and so proxy to): http(s) only, host matched
+  against exact names, `*.suffix` patterns or IP networks. The default allows loopback only.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import ipaddress
+import json
+import logging
+import socket
+import time
+import urllib.parse
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+from fastapi import Request
+from fastapi.responses import JSONResponse, Response
+from pydantic import BaseModel, ValidationError
+
+from serve.protocol import ErrorCode, ServeError
+
+DEFAULT_ALLOWED_HOSTS = "127.0.0.1,localhost,::1"
+DEFAULT_MAX_BODY_BYTES = 32 * 2**20
+FRAME_DELIMITER = b"\0"
+STREAM_MEDIA_TYPE = "application/octet-stream"
+
+M = TypeVar("M", bound=BaseModel)
+
+
+# ----------------------------------------------------------------------------------------------- framing
+
+
+def encode_chunk(chunk: dict[str, Any]) -> bytes:
+    return json.dumps(chunk).encode() + FRAME_DELIMITER
+
+
+class FrameSplitter:
+    """Feed raw bytes, get back the complete JSON chunks they finish."""
+
+    def __init__(self) -> None:
+        self._buffer = b""
+
+    def feed(self, data: bytes) -> list[dict]:
+        self._buffer += data
+        *frames, self._buffer = self._buffer.split(FRAME_DELIMITER)
+        return [json.loads(f) for f in frames if f.strip()]
+
+    @property
+    def pending(self) -> bytes:
+        """Bytes of an unfinished chunk (non-empty when a stream was cut off)."""
+        return self._buffer
+
+
+def iter_chunks(byte_chunks: Iterable[bytes]) -> Iterator[dict]:
+    splitter = FrameSplitter()
+    for data in byte_chunks:
+        yield from splitter.feed(data)
+    if splitter.pending.strip():
+        raise ServeError(ErrorCode.WORKER_UNREACHABLE, "the stream ended in the middle of a chunk")
+
+
+def error_response(err: ServeError, *, framed: bool) -> Response:
+    """The HTTP answer for an error found before streaming started."""
+    if framed:
+        return Response(encode_chunk(err.to_chunk()), status_code=err.status, media_type=STREAM_MEDIA_TYPE)
+    return JSONResponse({"error": err.to_dict(), "error_code": int(err.code)}, status_code=err.status)
+
+
+# ----------------------------------------------------------------------------------------------- parsing
+
+
+async def read_body(request: Request, max_bytes: int) -> bytes:
+    declared = request.headers.get("content-length")
+    if declared and declared.isdigit() and int(declared) > max_bytes:
+        raise ServeError(ErrorCode.BODY_TOO_LARGE, f"request body of {declared} bytes exceeds the limit of {max_bytes}")
+    body = b""
+    async for part in request.stream():  # chunked uploads have no content-length: count as we read
+        body += part
+        if len(body) > max_bytes:
+            raise ServeError(ErrorCode.BODY_TOO_LARGE, f"request body exceeds the limit of {max_bytes} bytes")
+    return body
+
+
+def describe_validation_error(e: ValidationError) -> str:
+    parts = []
+    for err in e.errors():
+        where = ".".join(str(x) for x in err["loc"]) or "body"
+        parts.append(f"{where}: {err['msg']}")
+    return "; ".join(parts)
+
+
+def validate(model: type[M], data: Any) -> M:
+    try:
+        return model.model_validate(data)
+    except ValidationError as e:
+        raise ServeError(ErrorCode.INVALID_PARAMS, f"invalid request: {describe_validation_error(e)}") from None
+
+
+async def parse_body(request: Request, model: type[M], max_bytes: int = DEFAULT_MAX_BODY_BYTES) -> M:
+    body = await read_body(request, max_bytes)
+    try:
+        data = json.loads(body) if body.strip() else None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ServeError(ErrorCode.INVALID_JSON, f"request body is not valid JSON: {e}") from None
+    if not isinstance(data, dict):
+        raise ServeError(ErrorCode.INVALID_JSON, f"request body must be a JSON object, got {type(data).__name__}")
+    return validate(model, data)
+
+
+# ----------------------------------------------------------------------------------------------- allowlist
+
+
+@dataclass(frozen=True)
+class AddressAllowlist:
+    """Hosts a URL may point at: exact names, `*.suffix` wildcards, IP networks (CIDR). `*` allows every host."""
+
+    names: frozenset[str]
+    suffixes: tuple[str, ...]
+    networks: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]
+    allow_all: bool = False
+
+    @classmethod
+    def parse(cls, spec: str) -> AddressAllowlist:
+        names, suffixes, networks, allow_all = set(), [], [], False
+        for item in (s.strip().lower() for s in spec.split(",")):
+            if not item:
+                continue
+            if item == "*":
+                allow_all = True
+            elif item.startswith("*."):
+                suffixes.append(item[1:])
+            else:
+                try:
+                    networks.append(ipaddress.ip_network(item, strict=False))
+                except ValueError:
+                    names.add(item)
+        return cls(frozenset(names), tuple(suffixes), tuple(networks), allow_all)
+
+    def check_url(self, url: str) -> str:
+        """The URL without a trailing slash, or ServeError(WORKER_NOT_ALLOWED) naming why it is refused."""
+        parsed = urllib.parse.urlsplit(url)
+        if parsed.scheme not in ("http", "https") or not parsed.hostname:
+            raise ServeError(ErrorCode.WORKER_NOT_ALLOWED, f"worker address {url!r} must be an http(s) URL with a host")
+        if parsed.username or parsed.password or parsed.query or parsed.fragment:
+            raise ServeError(
+                ErrorCode.WORKER_NOT_ALLOWED,
+                f"worker address {url!r} must not carry credentials, a query or a fragment",
+            )
+        if not self.allows_host(parsed.hostname):
+            raise ServeError(
+                ErrorCode.WORKER_NOT_ALLOWED,
+                f"worker host {parsed.hostname!r} is not in the controller's allowlist; start the controller with "
+                f"--allowed-worker-hosts to add it",
+            )
+        return url.rstrip("/")
+
+    def allows_host(self, host: str) -> bool:
+        host = host.lower().strip("[]")
+        if self.allow_all or host in self.names or any(host.endswith(s) for s in self.suffixes):
+            return True
+        try:
+            ip = ipaddress.ip_address(host)
+        except ValueError:
+            return False
+        return any(ip in net for net in self.networks)
+
+
+# ----------------------------------------------------------------------------------------------- images
+
+
+def decode_image_payload(payload: str, index: int, max_bytes: int) -> bytes:
+    """Bytes of a base64 string or `data:` URI sent by a client. Never a file path or URL: a remote client must not
+    make the server read its own files or fetch addresses (see `fetch_image_url` for the opt-in URL path)."""
+    if not isinstance(payload, str) or not payload:
+        raise ServeError(ErrorCode.BAD_IMAGE, f"image {index}: expected a non-empty base64 string or data: URI")
+    text = payload
+    if payload.startswith("data:"):
+        header, comma, text = payload[5:].partition(",")
+        if not comma or not header.endswith(";base64"):
+            raise ServeError(
+                ErrorCode.BAD_IMAGE, f"image {index}: a data: URI must be base64 (data:image/png;base64,...)"
+            )
+    text = "".join(text.split())
+    if len(text) * 3 // 4 > max_bytes:
+        size = len(text) * 3 // 4
+        raise ServeError(ErrorCode.BAD_IMAGE, f"image {index}: {size} bytes exceeds the limit of {max_bytes}")
+    altchars = b"-_" if ("-" in text or "_" in text) else None
+    try:
+        return base64.b64decode(text + "=" * (-len(text) % 4), altchars=altchars, validate=True)
+    except (binascii.Error, ValueError) as e:
+        raise ServeError(ErrorCode.BAD_IMAGE, f"image {index}: invalid base64 ({e})") from None
+
+
+def fetch_image_url(url: str, *, max_bytes: int, timeout: float) -> bytes:
+    """Download an http(s) image with a byte cap and an overall deadline; ServeError(BAD_IMAGE) naming the cause."""
+    import httpx  # only the URL path needs it
+
+    if urllib.parse.urlsplit(url).scheme not in ("http", "https"):
+        raise ServeError(ErrorCode.BAD_IMAGE, f"image URL {url!r}: only http(s) URLs can be fetched")
+    deadline = time.monotonic() + timeout
+    data = b""
+    try:
+        with httpx.stream("GET", url, timeout=timeout, follow_redirects=False) as r:
+            if r.status_code != 200:
+                raise ServeError(ErrorCode.BAD_IMAGE, f"image URL {url!r} answered HTTP {r.status_code}")
+            for part in r.iter_bytes():
+                data += part
+                if len(data) > max_bytes:
+                    raise ServeError(ErrorCode.BAD_IMAGE, f"image URL {url!r}: more than {max_bytes} bytes")
+                if time.monotonic() > deadline:
+                    raise ServeError(ErrorCode.BAD_IMAGE, f"image URL {url!r}: download took longer than {timeout} s")
+    except httpx.HTTPError as e:
+        reason = f"{type(e).__name__}: {e}"
+        raise ServeError(ErrorCode.BAD_IMAGE, f"image URL {url!r} could not be fetched: {reason}") from None
+    return data
+
+
+# ----------------------------------------------------------------------------------------------- misc
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port that was free a moment ago (tests and launchers)."""
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def setup_logging(name: str) -> logging.Logger:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    return logging.getLogger(name)

@@ -1,0 +1,494 @@
+"""A model worker: one loaded model + the continuous-batching engine behind the LLaVA worker HTTP protocol.
+
+Run: `python -m serve.model_worker --model-path PATH [--model-base BASE] [--model-name NAME] [--template NAME]
+[--load-8bit|--load-4bit] [--device cpu] [--host 127.0.0.1] [--port 21002] [--worker-address URL]
+[--controller-address http://127.0.0.1:21001] [--no-register] [--limit-model-concurrency 16]`.
+PATH is anything `llava.loading.load_model` takes: `default`, an HF llava folder or hub id, an original-format
+checkpoint, a projector-only or LoRA folder (with --model-base).
+
+Endpoints:
+- POST /worker_generate_stream (LLaVA): {model, prompt, images: [base64], temperature, top_p, max_new_tokens, stop,
+  + optional top_k, repetition_penalty, seed, image_mode}. `prompt` is already templated, with one `<image>` per
+  image; it is tokenised as is (the template's BOS is prepended when the prompt lacks it) and each `<image>` is
+  expanded to that image's token count. Streams NUL-delimited JSON chunks {"text": prompt + generated so far,
+  "delta", "error_code": 0, "finish_reason"}; the last chunk has finish_reason and usage.
+  temperature <= 0.001 means greedy, as in LLaVA.
+- POST /worker_generate_messages (new): {model, messages: [{role, content}], images: [base64], sampling fields}.
+  Rendered with the model's own template (`LoadedModel.render`); chunks carry `text` = generated text only.
+- POST /worker_get_status -> {model_names, speed, queue_length, context_length, template}; POST /model_details;
+  GET /health; GET /metrics (Prometheus).
+Errors use `serve.protocol.ErrorCode`: found before generation -> HTTP 4xx/5xx with one framed error chunk; during
+generation -> a final chunk with error_code != 0. `queue_length` counts requests accepted and not yet finished.
+
+The worker registers with the controller in the background and keeps a heartbeat every --heart-beat-interval
+seconds; when the controller answers that it does not know the worker (it restarted), the worker registers again at
+once. A controller that is down is retried, so start order does not matter.
+
+`ServingModel` (prepare + submit, no HTTP) is also what `serve.cli` uses in-process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass, field
+
+import httpx
+import torch
+import uvicorn
+from fastapi import FastAPI, Request
+from fastapi.responses import Response, StreamingResponse
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+from llava.engine import Engine, GenerationRequest, InvalidRequestError, PromptTooLongError, RequestHandle
+from llava.images import ImageError, ProcessedImage, load_image
+from llava.loading import LoadedModel, LoadError, load_model
+from llava.sampling import InvalidSamplingParamsError, SamplingParams
+from llava.templates import IMAGE_PLACEHOLDER, ImageCountError, TemplateError, normalize_messages, stop_token_ids
+from serve.common import (
+    DEFAULT_MAX_BODY_BYTES, STREAM_MEDIA_TYPE, decode_image_payload, encode_chunk, error_response, parse_body,
+    setup_logging,
+)
+from serve.protocol import (
+    ErrorCode, GenerateMessagesRequest, GenerateStreamRequest, SamplingFields, ServeError, Usage,
+)
+
+logger = setup_logging("serve.model_worker")
+
+GREEDY_BELOW = 0.001  # LLaVA: sampling only when temperature > 0.001
+
+
+@dataclass(frozen=True)
+class ImageLimits:
+    max_images: int = 8
+    max_bytes: int = 20 * 2**20
+    max_pixels: int = 40_000_000
+
+
+@dataclass
+class Prepared:
+    """A request ready for the engine."""
+
+    input_ids: list[int]
+    images: list[ProcessedImage]
+    sampling: SamplingParams
+
+    @property
+    def image_tokens(self) -> int:
+        return sum(im.num_tokens for im in self.images)
+
+
+def is_out_of_memory(message: str) -> bool:
+    return "out of memory" in message.lower() or "OutOfMemoryError" in message
+
+
+class ServingModel:
+    """A loaded model + its engine; turns requests into engine submissions, with errors as `ServeError`s."""
+
+    def __init__(self, loaded: LoadedModel, engine: Engine, names: Sequence[str], limits: ImageLimits = ImageLimits()):
+        self.loaded = loaded
+        self.engine = engine
+        self.names = list(names)
+        self.limits = limits
+
+    @classmethod
+    def load(cls, path: str, *, names: Sequence[str] | None = None, max_batch_size: int = 16,
+             limits: ImageLimits = ImageLimits(), **load_kwargs) -> ServingModel:
+        loaded = load_model(path, **load_kwargs)
+        engine = Engine(
+            loaded.model, loaded.tokenizer, eos_token_ids=stop_token_ids(loaded.template, loaded.tokenizer),
+            max_batch_size=max_batch_size, context_length=loaded.context_length,
+        )
+        return cls(loaded, engine, names or [loaded.name], limits)
+
+    # -- preparing
+
+    def sampling(self, f: SamplingFields) -> SamplingParams:
+        stops = [f.stop] if isinstance(f.stop, str) else list(f.stop or [])
+        stops += [s for s in self.loaded.template.stop_strings if s not in stops]
+        try:
+            return SamplingParams(
+                max_new_tokens=f.max_new_tokens,
+                temperature=0.0 if 0 <= f.temperature <= GREEDY_BELOW else f.temperature,
+                top_p=f.top_p, top_k=f.top_k, repetition_penalty=f.repetition_penalty, seed=f.seed,
+                stop=tuple(stops),
+            )
+        except InvalidSamplingParamsError as e:
+            raise ServeError(ErrorCode.INVALID_PARAMS, str(e)) from None
+
+    def process_images(self, images: Sequence[bytes], image_mode: str | None) -> list[ProcessedImage]:
+        if len(images) > self.limits.max_images:
+            raise ServeError(
+                ErrorCode.TOO_MANY_IMAGES,
+                f"{len(images)} images in one request; this worker allows at most {self.limits.max_images}",
+            )
+        decoded = []
+        for i, data in enumerate(images):
+            try:
+                decoded.append(load_image(data, max_bytes=self.limits.max_bytes, max_pixels=self.limits.max_pixels))
+            except ImageError as e:
+                raise ServeError(ErrorCode.BAD_IMAGE, f"image {i}: {e}") from None
+        try:
+            return self.loaded.process_images(decoded, image_mode=image_mode)
+        except LoadError as e:
+            raise ServeError(ErrorCode.INVALID_PARAMS, str(e)) from None
+        except ImageError as e:
+            raise ServeError(ErrorCode.BAD_IMAGE, str(e)) from None
+
+    def tokenize_prompt(self, prompt: str, images: Sequence[ProcessedImage]) -> list[int]:
+        """Ids of an already templated prompt, each `<image>` token repeated for its image's token count."""
+        bos = self.loaded.template.bos
+        text = prompt if not bos or prompt.startswith(bos) else bos + prompt
+        ids = list(self.loaded.tokenizer(text, add_special_tokens=False)["input_ids"])
+        image_id = self.loaded.image_token_id
+        positions = [i for i, t in enumerate(ids) if t == image_id]
+        if len(positions) != len(images):
+            raise ServeError(
+                ErrorCode.IMAGE_COUNT_MISMATCH,
+                f"the prompt has {len(positions)} {IMAGE_PLACEHOLDER} token(s) but {len(images)} image(s) were sent",
+            )
+        out: list[int] = []
+        prev = 0
+        for pos, im in zip(positions, images):
+            out += ids[prev:pos] + [image_id] * im.num_tokens
+            prev = pos + 1
+        return out + ids[prev:]
+
+    def prepare_prompt(self, req: GenerateStreamRequest, images: Sequence[bytes]) -> Prepared:
+        """The LLaVA raw-prompt path."""
+        if not req.prompt.replace(IMAGE_PLACEHOLDER, "").strip() and not images:
+            raise ServeError(ErrorCode.EMPTY_PROMPT, "the prompt is empty")
+        markers = req.prompt.count(IMAGE_PLACEHOLDER)
+        if markers != len(images):
+            raise ServeError(
+                ErrorCode.IMAGE_COUNT_MISMATCH,
+                f"the prompt has {markers} {IMAGE_PLACEHOLDER} marker(s) but {len(images)} image(s) were sent",
+            )
+        sampling = self.sampling(req)
+        processed = self.process_images(images, req.image_mode)
+        return Prepared(self.tokenize_prompt(req.prompt, processed), processed, sampling)
+
+    def prepare_messages(self, messages: list[dict], images: Sequence[bytes], fields: SamplingFields) -> Prepared:
+        """The structured path: messages rendered with the model's own template."""
+        try:
+            normalize_messages(messages)
+        except TemplateError as e:
+            raise ServeError(ErrorCode.INVALID_PARAMS, f"invalid messages: {e}") from None
+        if messages[-1]["role"] != "user":
+            raise ServeError(ErrorCode.INVALID_PARAMS, "invalid messages: the last message must be from the user")
+        if not messages[-1]["content"].strip():
+            raise ServeError(ErrorCode.EMPTY_PROMPT, "the last user message is empty (no text and no image)")
+        markers = sum(m["content"].count(IMAGE_PLACEHOLDER) for m in messages)
+        if markers != len(images):
+            raise ServeError(
+                ErrorCode.IMAGE_COUNT_MISMATCH,
+                f"the messages have {markers} {IMAGE_PLACEHOLDER} marker(s) but {len(images)} image(s) were sent",
+            )
+        sampling = self.sampling(fields)
+        processed = self.process_images(images, fields.image_mode)
+        try:
+            rendered = self.loaded.render(messages, processed, add_generation_prompt=True)
+        except ImageCountError as e:
+            raise ServeError(ErrorCode.IMAGE_COUNT_MISMATCH, str(e)) from None
+        except TemplateError as e:
+            raise ServeError(ErrorCode.INVALID_PARAMS, f"cannot render the messages: {e}") from None
+        return Prepared(rendered.input_ids, processed, sampling)
+
+    def submit(self, prepared: Prepared) -> RequestHandle:
+        try:
+            return self.engine.submit(GenerationRequest(prepared.input_ids, prepared.images, prepared.sampling))
+        except PromptTooLongError as e:
+            raise ServeError(ErrorCode.PROMPT_TOO_LONG, str(e)) from None
+        except InvalidRequestError as e:
+            raise ServeError(ErrorCode.INVALID_PARAMS, str(e)) from None
+        except torch.OutOfMemoryError as e:
+            raise ServeError(ErrorCode.OUT_OF_MEMORY, f"out of memory while queueing the request: {e}") from None
+
+
+# ----------------------------------------------------------------------------------------------- HTTP layer
+
+
+@dataclass
+class WorkerConfig:
+    model_path: str
+    model_base: str | None = None
+    model_name: str | None = None
+    template: str | None = None
+    image_mode: str | None = None
+    quantization: str | None = None
+    device: str = "cpu"
+    dtype: str | None = None
+    worker_address: str = "http://127.0.0.1:21002"
+    controller_address: str = "http://127.0.0.1:21001"
+    register: bool = True
+    heart_beat_interval: float = 15.0
+    max_batch_size: int = 16
+    max_queue: int = 256
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
+    limits: ImageLimits = field(default_factory=ImageLimits)
+
+
+class WorkerMetrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter("llava_worker_requests", "generate requests by endpoint and outcome",
+                                ["endpoint", "outcome"], registry=r)
+        self.prompt_tokens = Counter("llava_worker_prompt_tokens", "prompt tokens (incl. image tokens)", registry=r)
+        self.image_tokens = Counter("llava_worker_image_tokens", "image tokens in prompts", registry=r)
+        self.completion_tokens = Counter("llava_worker_completion_tokens", "generated tokens", registry=r)
+        self.queue_length = Gauge("llava_worker_queue_length", "requests accepted and not finished", registry=r)
+        self.engine_queued = Gauge("llava_worker_engine_queued", "requests waiting for a batch slot", registry=r)
+        self.ttft = Histogram("llava_worker_time_to_first_token_seconds", "time to first token", registry=r)
+
+
+@dataclass
+class WorkerState:
+    config: WorkerConfig
+    serving: ServingModel
+    metrics: WorkerMetrics
+    client: httpx.AsyncClient
+    active: set[RequestHandle] = field(default_factory=set)
+    tasks: list[asyncio.Task] = field(default_factory=list)
+
+    @property
+    def in_flight(self) -> int:
+        """Requests accepted and not finished. Counted from the handles themselves, so a stream whose client left
+        before it started (its generator never ran) cannot leak a count."""
+        self.active = {h for h in self.active if not h.done}
+        self.metrics.queue_length.set(len(self.active))
+        return len(self.active)
+
+    def status(self) -> dict:
+        return {
+            "model_names": self.serving.names, "speed": 1, "queue_length": self.in_flight,
+            "context_length": self.serving.loaded.context_length, "template": self.serving.loaded.template.name,
+        }
+
+
+async def register(state: WorkerState) -> None:
+    r = await state.client.post(state.config.controller_address + "/register_worker", json={
+        "worker_name": state.config.worker_address, "check_heart_beat": True, "worker_status": state.status(),
+    })
+    if r.status_code != 200:
+        raise RuntimeError(f"controller refused registration: HTTP {r.status_code} {r.text}")
+    logger.info("registered with controller %s as %s", state.config.controller_address, state.config.worker_address)
+
+
+async def heart_beat_loop(state: WorkerState) -> None:
+    """Register, then heartbeat; re-register when the controller forgets us or comes back after being down."""
+    registered = False
+    while True:
+        try:
+            if registered:
+                r = await state.client.post(state.config.controller_address + "/receive_heart_beat", json={
+                    "worker_name": state.config.worker_address, "queue_length": state.in_flight,
+                })
+                registered = r.status_code == 200 and bool(r.json().get("exist"))
+            if not registered:
+                await register(state)
+                registered = True
+        except (httpx.HTTPError, RuntimeError, ValueError) as e:
+            registered = False
+            logger.warning("controller %s not reachable: %s", state.config.controller_address, e)
+        await asyncio.sleep(state.config.heart_beat_interval)
+
+
+def final_chunk(state: WorkerState, handle: RequestHandle, prepared: Prepared) -> dict:
+    result = handle.result(timeout=0)
+    usage = Usage(len(prepared.input_ids), result.completion_tokens, prepared.image_tokens)
+    state.metrics.completion_tokens.inc(result.completion_tokens)
+    if result.time_to_first_token is not None:
+        state.metrics.ttft.observe(result.time_to_first_token)
+    return {"finish_reason": result.finish_reason, "usage": usage.to_dict()}
+
+
+async def stream(
+    state: WorkerState, handle: RequestHandle, prepared: Prepared, echo: str, endpoint: str
+) -> AsyncIterator[bytes]:
+    """Engine events as framed chunks; a client that leaves cancels the request (finally)."""
+    text = ""
+    outcome = "cancelled"
+    try:
+        async for ev in handle:
+            text += ev.text
+            if not ev.finished:
+                if ev.text:
+                    yield encode_chunk({"text": echo + text, "delta": ev.text, "error_code": 0, "finish_reason": None})
+                continue
+            if ev.finish_reason in ("stop", "length"):
+                outcome = "ok"
+                extra = final_chunk(state, handle, prepared)
+                yield encode_chunk({"text": echo + text, "delta": ev.text, "error_code": 0, **extra})
+            else:
+                message = ev.error or f"generation ended: {ev.finish_reason}"
+                code = ErrorCode.OUT_OF_MEMORY if is_out_of_memory(message) else ErrorCode.GENERATION_FAILED
+                outcome = code.name.lower()
+                yield encode_chunk(ServeError(code, f"generation failed: {message}").to_chunk())
+    finally:
+        if not handle.done:
+            handle.cancel()
+        state.active.discard(handle)
+        state.metrics.requests.labels(endpoint, outcome).inc()
+
+
+async def generate(state: WorkerState, request: Request, endpoint: str) -> Response:
+    try:
+        if state.in_flight >= state.config.max_batch_size + state.config.max_queue:
+            raise ServeError(ErrorCode.OVERLOADED, f"worker queue is full ({state.in_flight} requests in flight)")
+        model = GenerateStreamRequest if endpoint == "/worker_generate_stream" else GenerateMessagesRequest
+        req = await parse_body(request, model, state.config.max_body_bytes)
+        if req.model is not None and req.model not in state.serving.names:
+            raise ServeError(ErrorCode.UNKNOWN_MODEL, f"this worker serves {state.serving.names}, not {req.model!r}")
+        images = [decode_image_payload(p, i, state.config.limits.max_bytes) for i, p in enumerate(req.images)]
+        if isinstance(req, GenerateStreamRequest):
+            prepared = await asyncio.to_thread(state.serving.prepare_prompt, req, images)
+            echo = req.prompt
+        else:
+            messages = [m.model_dump() for m in req.messages]
+            prepared = await asyncio.to_thread(state.serving.prepare_messages, messages, images, req)
+            echo = ""
+        handle = state.serving.submit(prepared)
+    except ServeError as e:
+        state.metrics.requests.labels(endpoint, e.code.name.lower()).inc()
+        return error_response(e, framed=True)
+    except torch.OutOfMemoryError as e:
+        state.metrics.requests.labels(endpoint, "out_of_memory").inc()
+        err = ServeError(ErrorCode.OUT_OF_MEMORY, f"out of memory while preparing the request: {e}")
+        return error_response(err, framed=True)
+    except Exception as e:  # a bug: still answer with its real name, framed, and keep serving
+        logger.exception("preparing a %s request failed", endpoint)
+        state.metrics.requests.labels(endpoint, "internal").inc()
+        return error_response(ServeError(ErrorCode.INTERNAL, f"internal error while preparing the request: "
+                                                             f"{type(e).__name__}: {e}"), framed=True)
+    state.active.add(handle)
+    state.metrics.prompt_tokens.inc(len(prepared.input_ids))
+    state.metrics.image_tokens.inc(prepared.image_tokens)
+    return StreamingResponse(stream(state, handle, prepared, echo, endpoint), media_type=STREAM_MEDIA_TYPE)
+
+
+def create_app(config: WorkerConfig, serving: ServingModel | None = None) -> FastAPI:
+    """The worker app; `serving` may be given (tests, embedding), else it is loaded from `config` at startup."""
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI):
+        model = serving or ServingModel.load(
+            config.model_path, names=[config.model_name] if config.model_name else None,
+            max_batch_size=config.max_batch_size, limits=config.limits, model_base=config.model_base,
+            template=config.template, image_mode=config.image_mode, quantization=config.quantization,
+            device=config.device, dtype=config.dtype,
+        )
+        model.engine.start()
+        client = httpx.AsyncClient(timeout=10.0)
+        state = WorkerState(config, model, WorkerMetrics(), client)
+        if config.register:
+            state.tasks.append(asyncio.create_task(heart_beat_loop(state)))
+        app.state.worker = state
+        logger.info("worker ready: %s at %s", model.names, config.worker_address)
+        yield
+        for t in state.tasks:
+            t.cancel()
+        await client.aclose()
+        model.engine.shutdown()
+
+    app = FastAPI(title="llava model worker", lifespan=lifespan)
+
+    def st(request: Request) -> WorkerState:
+        return request.app.state.worker
+
+    @app.exception_handler(ServeError)
+    async def _serve_error(request: Request, exc: ServeError):
+        return error_response(exc, framed=False)
+
+    @app.post("/worker_generate_stream")
+    async def worker_generate_stream(request: Request):
+        return await generate(st(request), request, "/worker_generate_stream")
+
+    @app.post("/worker_generate_messages")
+    async def worker_generate_messages(request: Request):
+        return await generate(st(request), request, "/worker_generate_messages")
+
+    @app.post("/worker_get_status")
+    async def worker_get_status(request: Request):
+        return st(request).status()
+
+    @app.post("/model_details")
+    async def model_details(request: Request):
+        s = st(request)
+        loaded = s.serving.loaded
+        return {
+            "model_names": s.serving.names, "context_length": loaded.context_length,
+            "template": loaded.template.name, "image_mode": loaded.image_processing.mode,
+        }
+
+    @app.get("/health")
+    async def health(request: Request):
+        s = st(request)
+        return {"status": "ok", "model_names": s.serving.names, "queue_length": s.in_flight}
+
+    @app.get("/metrics")
+    async def metrics(request: Request):
+        s = st(request)
+        s.metrics.engine_queued.set(s.serving.engine.queue_length)
+        s.metrics.queue_length.set(s.in_flight)
+        return Response(generate_latest(s.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    return app
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description="LLaVA model worker")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=21002)
+    p.add_argument("--worker-address", default=None, help="URL the controller uses to reach this worker "
+                   "(default http://HOST:PORT)")
+    p.add_argument("--controller-address", default="http://127.0.0.1:21001")
+    p.add_argument("--model-path", required=True, help="default | HF folder/hub id | original | projector/LoRA folder")
+    p.add_argument("--model-base", default=None, help="base model for projector-only or LoRA checkpoints")
+    p.add_argument("--model-name", default=None, help="name clients ask for (default: the folder name)")
+    p.add_argument("--template", default=None, help="conversation template when the checkpoint does not record one")
+    p.add_argument("--image-mode", default=None, choices=["pad", "resize", "crop", "anyres"])
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--num-threads", type=int, default=None,
+                   help="torch CPU threads (default: torch's choice); use 1-2 per worker when several share a host")
+    p.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16 (default: fp16 on cuda, fp32 on cpu)")
+    q = p.add_mutually_exclusive_group()
+    q.add_argument("--load-8bit", action="store_true")
+    q.add_argument("--load-4bit", action="store_true")
+    p.add_argument("--limit-model-concurrency", type=int, default=16,
+                   help="requests generated together (the engine's batch size); more wait in the queue")
+    p.add_argument("--max-queue", type=int, default=256, help="requests waiting beyond the batch before 503s")
+    p.add_argument("--no-register", action="store_true", help="do not register with a controller")
+    p.add_argument("--heart-beat-interval", type=float, default=15.0)
+    p.add_argument("--max-body-bytes", type=int, default=DEFAULT_MAX_BODY_BYTES)
+    p.add_argument("--max-images", type=int, default=8)
+    p.add_argument("--max-image-bytes", type=int, default=20 * 2**20)
+    p.add_argument("--max-image-pixels", type=int, default=40_000_000)
+    return p
+
+
+def config_from_args(args: argparse.Namespace) -> WorkerConfig:
+    return WorkerConfig(
+        model_path=args.model_path, model_base=args.model_base, model_name=args.model_name, template=args.template,
+        image_mode=args.image_mode, quantization="8bit" if args.load_8bit else "4bit" if args.load_4bit else None,
+        device=args.device, dtype=args.dtype, worker_address=args.worker_address or f"http://{args.host}:{args.port}",
+        controller_address=args.controller_address.rstrip("/"), register=not args.no_register,
+        heart_beat_interval=args.heart_beat_interval, max_batch_size=args.limit_model_concurrency,
+        max_queue=args.max_queue, max_body_bytes=args.max_body_bytes,
+        limits=ImageLimits(args.max_images, args.max_image_bytes, args.max_image_pixels),
+    )
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    if args.num_threads:
+        torch.set_num_threads(args.num_threads)
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+    uvicorn.run(create_app(config_from_args(args)), host=args.host, port=args.port, log_level="warning")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,184 @@
+"""Wire formats shared by the controller, the model workers, the OpenAI server and the CLI.
+
+Promises:
+- `ErrorCode` is the one table of stable error codes. Each code has a fixed HTTP status and a snake_case name; codes
+  0-3 keep the original LLaVA meanings (0 ok, 1 internal, 2 no worker for the model, 3 controller could not reach
+  the worker), codes >= 40 are ours. A code never changes meaning; new causes get new codes.
+- `ServeError` carries a code and a message naming the real cause; `to_chunk()` renders it in the LLaVA stream
+  format `{"text": message, "error_code": N, "error": {"code": name, "message": ...}}`.
+- The pydantic models below are the JSON bodies of the controller and worker endpoints. Field names follow the
+  original LLaVA where it had them (worker_name, check_heart_beat, worker_status, model_names, speed,
+  queue_length, model, prompt, images, temperature, top_p, max_new_tokens, stop).
+
+Stream framing (worker and controller `/worker_generate_stream`, `/worker_generate_messages`): a sequence of
+UTF-8 JSON objects, each followed by one NUL byte (b"\\0"). Every chunk has `text` and `error_code`; the last chunk
+of a successful stream has a non-null `finish_reason` and `usage`. An error after the stream started arrives as a
+final chunk with `error_code != 0`. An error found before generation starts is answered with the fitting HTTP 4xx/5xx
+status and a body that is one such framed error chunk (so LLaVA clients, which ignore the status, still see it).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import IntEnum
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class ErrorCode(IntEnum):
+    """Stable error codes. HTTP status: `ERROR_STATUS[code]`."""
+
+    OK = 0
+    INTERNAL = 1  # a bug or an unexpected failure on the server
+    NO_WORKER = 2  # no live worker serves the requested model
+    WORKER_UNREACHABLE = 3  # the controller could not reach the worker, or it died mid-stream
+    INVALID_JSON = 40  # the body is not JSON
+    INVALID_PARAMS = 41  # a field is missing, of the wrong type, or out of range (incl. sampling params)
+    BAD_IMAGE = 42  # not an image, truncated, too large, too many pixels (decompression bomb), bad base64/URL
+    IMAGE_COUNT_MISMATCH = 43  # number of <image> markers != number of images
+    PROMPT_TOO_LONG = 44  # prompt tokens (incl. image tokens) do not leave room in the context
+    EMPTY_PROMPT = 45  # the prompt / last user message has no text and no image
+    BODY_TOO_LARGE = 46  # request body over the server's limit
+    UNKNOWN_MODEL = 47  # the model name is not served here
+    UNAUTHORIZED = 48  # missing or wrong API key
+    WORKER_NOT_ALLOWED = 49  # a worker URL outside the controller's allowlist tried to register
+    OUT_OF_MEMORY = 50  # the device ran out of memory for this request
+    OVERLOADED = 51  # the worker's queue is full (limit-model-concurrency)
+    GENERATION_FAILED = 52  # the engine failed while generating
+    TOO_MANY_IMAGES = 53  # more images in one request than the server allows (--max-images)
+
+
+ERROR_STATUS: dict[ErrorCode, int] = {
+    ErrorCode.OK: 200,
+    ErrorCode.INTERNAL: 500,
+    ErrorCode.NO_WORKER: 503,
+    ErrorCode.WORKER_UNREACHABLE: 502,
+    ErrorCode.INVALID_JSON: 400,
+    ErrorCode.INVALID_PARAMS: 400,
+    ErrorCode.BAD_IMAGE: 400,
+    ErrorCode.IMAGE_COUNT_MISMATCH: 400,
+    ErrorCode.PROMPT_TOO_LONG: 400,
+    ErrorCode.EMPTY_PROMPT: 400,
+    ErrorCode.BODY_TOO_LARGE: 413,
+    ErrorCode.UNKNOWN_MODEL: 404,
+    ErrorCode.UNAUTHORIZED: 401,
+    ErrorCode.WORKER_NOT_ALLOWED: 403,
+    ErrorCode.OUT_OF_MEMORY: 507,
+    ErrorCode.OVERLOADED: 503,
+    ErrorCode.GENERATION_FAILED: 500,
+    ErrorCode.TOO_MANY_IMAGES: 400,
+}
+
+
+class ServeError(Exception):
+    """An error to send to a client: stable code + a message naming the real cause."""
+
+    def __init__(self, code: ErrorCode, message: str):
+        super().__init__(message)
+        self.code = ErrorCode(code)
+        self.message = message
+
+    @property
+    def status(self) -> int:
+        return ERROR_STATUS[self.code]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"code": self.code.name.lower(), "message": self.message}
+
+    def to_chunk(self, text: str | None = None) -> dict[str, Any]:
+        """The LLaVA stream chunk for this error (LLaVA clients show `text`)."""
+        return {"text": self.message if text is None else text, "error_code": int(self.code), "error": self.to_dict()}
+
+    @classmethod
+    def from_chunk(cls, chunk: dict) -> ServeError:
+        """Rebuild the error a worker/controller sent (unknown codes become INTERNAL with the original message)."""
+        try:
+            code = ErrorCode(int(chunk.get("error_code", 1)))
+        except ValueError:
+            code = ErrorCode.INTERNAL
+        err = chunk.get("error") or {}
+        return cls(code, err.get("message") or str(chunk.get("text", "")))
+
+
+# ----------------------------------------------------------------------------------------------- controller
+
+
+class WorkerStatus(BaseModel):
+    """What `/worker_get_status` answers (worker and controller alike, so controllers can nest)."""
+
+    model_config = ConfigDict(extra="allow")
+
+    model_names: list[str]
+    speed: float = 1.0
+    queue_length: int = 0
+
+
+class RegisterWorkerRequest(BaseModel):
+    worker_name: str  # the worker's base URL, e.g. http://127.0.0.1:21002
+    check_heart_beat: bool = True
+    worker_status: WorkerStatus | None = None
+
+
+class HeartBeatRequest(BaseModel):
+    worker_name: str
+    queue_length: int = 0
+
+
+class GetWorkerAddressRequest(BaseModel):
+    model: str
+
+
+# ----------------------------------------------------------------------------------------------- generation
+
+
+class SamplingFields(BaseModel):
+    """Sampling fields of both generate endpoints. LLaVA defaults: temperature 1.0 (greedy when <= 0.001)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str | None = None
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    repetition_penalty: float = 1.0
+    max_new_tokens: int = 256
+    seed: int | None = None
+    stop: str | list[str] | None = None
+    image_mode: Literal["pad", "resize", "crop", "anyres", "default"] | None = None
+
+
+class GenerateStreamRequest(SamplingFields):
+    """LLaVA's `/worker_generate_stream`: `prompt` is already templated and holds one `<image>` per image."""
+
+    prompt: str
+    images: list[str] = Field(default_factory=list)  # base64 (or data: URIs)
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    role: Literal["system", "user", "assistant"]
+    content: str  # `<image>` markers say where the images go, in order
+
+
+class GenerateMessagesRequest(SamplingFields):
+    """`/worker_generate_messages`: the worker renders `messages` with its model's own template."""
+
+    messages: list[ChatMessage]
+    images: list[str] = Field(default_factory=list)  # base64 (or data: URIs), one per `<image>` marker, in order
+
+
+@dataclass(frozen=True)
+class Usage:
+    prompt_tokens: int  # includes image_tokens
+    completion_tokens: int
+    image_tokens: int
+
+    def to_dict(self) -> dict[str, int]:
+        return {
+            "prompt_tokens": self.prompt_tokens,
+            "completion_tokens": self.completion_tokens,
+            "total_tokens": self.prompt_tokens + self.completion_tokens,
+            "image_tokens": self.image_tokens,
+        }
