@@ -1,0 +1,269 @@
+"""LLaVA-format training data: validated rows, lazy images, labels from the one renderer, and a padding collator.
+
+Promises:
+- `read_rows(path)` reads LLaVA JSON (a list) or JSONL (one object a line) of
+  `{id, image?, conversations: [{from: human|gpt, value}]}`.
+- `LlavaDataset` checks every row when it is built. A bad row (missing image file, wrong roles, an image without an
+  `<image>` slot or a slot without an image, an unreadable image file) raises `DatasetError` naming the file and
+  the row -- or, with `skip_bad=True`, is dropped and counted in `dataset.skipped` (reason -> count). Nothing is
+  masked silently.
+- Labels come from `llava.templates.render` with `<image>` expanded to the image's token count, so only assistant
+  tokens are trained.
+- Images load lazily (`__getitem__` decodes and preprocesses) unless a feature cache is attached, in which case an
+  item carries the image's cache key instead of pixels (see train/features.py).
+- `Collator` right-pads to the longest row and stacks pixel values or cached features of the batch's images in
+  order; text-only rows mix freely with image rows.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from collections import Counter
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch.utils.data import Dataset, Sampler
+
+from llava.images import ImageError, ImageProcessing, content_hash, load_image, num_image_tokens, preprocess
+from llava.templates import IGNORE_INDEX, IMAGE_PLACEHOLDER, TemplateError, normalize_messages, render
+
+
+class DatasetError(ValueError):
+    """A data file or one of its rows cannot be used; the message names the file and the row."""
+
+
+def read_rows(path: str | Path) -> list[dict]:
+    """Rows of a LLaVA JSON list or a JSONL file (chosen by content: a leading `[` means JSON)."""
+    path = Path(path)
+    if not path.is_file():
+        raise DatasetError(f"data file not found: {path}")
+    text = path.read_text(encoding="utf-8")
+    if text.lstrip().startswith("["):
+        try:
+            rows = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise DatasetError(f"{path}: invalid JSON: {e}") from None
+    else:
+        rows = []
+        for n, line in enumerate(text.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as e:
+                raise DatasetError(f"{path}: line {n}: invalid JSON: {e}") from None
+    return rows
+
+
+@dataclass(frozen=True)
+class Row:
+    """One validated row: its messages (from/value) and, if any, the absolute image path."""
+
+    index: int
+    id: str
+    messages: tuple[dict, ...]
+    image: Path | None
+
+
+def check_row(raw: object, index: int, image_folder: Path | None) -> Row:
+    """Validate one raw row; raises `DatasetError` (without the file name, which the caller adds)."""
+    if not isinstance(raw, dict):
+        raise DatasetError(f"row {index}: expected an object, got {type(raw).__name__}")
+    rid = str(raw.get("id", index))
+    where = f"row {index} (id {rid!r})"
+    conv = raw.get("conversations")
+    if not isinstance(conv, list) or not conv:
+        raise DatasetError(f"{where}: 'conversations' must be a non-empty list")
+    for turn in conv:
+        if not isinstance(turn, dict) or turn.get("from") not in ("human", "gpt") or not isinstance(turn.get("value"), str):
+            raise DatasetError(f"{where}: every turn needs from=human|gpt and a string value, got {turn!r}")
+    try:
+        msgs = normalize_messages(conv)
+    except TemplateError as e:
+        raise DatasetError(f"{where}: wrong roles: {e}") from None
+    if msgs[-1]["role"] != "assistant":
+        raise DatasetError(f"{where}: wrong roles: the last turn must be from gpt (nothing to learn otherwise)")
+    slots = sum(t["value"].count(IMAGE_PLACEHOLDER) for t in conv)
+    slots_in_gpt = sum(t["value"].count(IMAGE_PLACEHOLDER) for t in conv if t["from"] == "gpt")
+    image = raw.get("image")
+    if slots_in_gpt:
+        raise DatasetError(f"{where}: {IMAGE_PLACEHOLDER} appears in a gpt turn; it belongs in a human turn")
+    if image is None:
+        if slots:
+            raise DatasetError(f"{where}: has {slots} {IMAGE_PLACEHOLDER} slot(s) but no 'image'")
+        return Row(index, rid, tuple(conv), None)
+    if not isinstance(image, str):
+        raise DatasetError(f"{where}: 'image' must be one relative path (string), got {image!r}")
+    if slots != 1:
+        raise DatasetError(f"{where}: has an image but {slots} {IMAGE_PLACEHOLDER} slots (need exactly one)")
+    path = (image_folder / image) if image_folder is not None else Path(image)
+    if not path.is_file():
+        raise DatasetError(f"{where}: missing image file {path}")
+    return Row(index, rid, tuple(conv), path)
+
+
+@dataclass
+class Example:
+    input_ids: list[int]
+    labels: list[int]
+    pixel_values: torch.Tensor | None = None  # [3, S, S] when images load lazily
+    image_key: str | None = None  # content key when a feature cache supplies the image
+
+
+class LlavaDataset(Dataset):
+    """Validated LLaVA rows rendered with one template. See the module docstring for the error contract."""
+
+    def __init__(
+        self,
+        data_path: str | Path,
+        tokenizer,
+        template: str,
+        proc: ImageProcessing,
+        *,
+        image_folder: str | Path | None = None,
+        skip_bad: bool = False,
+        verify_images: bool = True,
+        max_length: int | None = None,
+        limit: int | None = None,
+    ):
+        self.path = Path(data_path)
+        self.tokenizer, self.template, self.proc = tokenizer, template, proc
+        self.image_folder = Path(image_folder) if image_folder is not None else self.path.parent
+        self.max_length = max_length
+        self.skipped: Counter[str] = Counter()
+        self.image_keys: dict[Path, str] = {}  # image path -> content hash (filled when images are verified)
+        self.use_cache = False
+        self.rows = self._validate(read_rows(self.path)[:limit], skip_bad, verify_images)
+        if not self.rows:
+            raise DatasetError(f"{self.path}: no usable rows (skipped: {dict(self.skipped)})")
+        self.lengths = [self._length(r) for r in self.rows]
+
+    def _validate(self, raw_rows: list, skip_bad: bool, verify_images: bool) -> list[Row]:
+        rows = []
+        for i, raw in enumerate(raw_rows):
+            try:
+                row = check_row(raw, i, self.image_folder)
+                if verify_images and row.image is not None and row.image not in self.image_keys:
+                    self.image_keys[row.image] = self._decode_key(row)
+            except DatasetError as e:
+                if not skip_bad:
+                    raise DatasetError(f"{self.path}: {e}") from None
+                self.skipped[_reason(str(e))] += 1
+                continue
+            rows.append(row)
+        return rows
+
+    def _decode_key(self, row: Row) -> str:
+        try:
+            return content_hash(load_image(row.image))
+        except ImageError as e:
+            raise DatasetError(f"row {row.index} (id {row.id!r}): unreadable image file {row.image}: {e}") from None
+
+    def _length(self, row: Row) -> int:
+        """Approximate token count (words + image tokens), for length grouping without tokenizing everything."""
+        words = sum(len(t["value"].split()) for t in row.messages)
+        return words * 2 + (num_image_tokens(self.proc, (self.proc.size, self.proc.size)) if row.image else 0)
+
+    @property
+    def modalities(self) -> list[bool]:
+        return [r.image is not None for r in self.rows]
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i: int) -> Example:
+        row = self.rows[i]
+        counts = None
+        pixel_values = key = None
+        if row.image is not None:
+            if self.use_cache:
+                key = self.image_keys[row.image]
+                counts = [num_image_tokens(self.proc, (self.proc.size, self.proc.size))]
+            else:
+                processed = preprocess(self._load(row), self.proc)
+                pixel_values, counts = processed.pixel_values, [processed.num_tokens]
+        r = render(list(row.messages), self.template, self.tokenizer, image_token_counts=counts)
+        ids, labels = r.input_ids, r.labels
+        if self.max_length is not None and len(ids) > self.max_length:
+            raise DatasetError(
+                f"{self.path}: row {row.index} (id {row.id!r}) has {len(ids)} tokens > max_length {self.max_length}; "
+                "truncating would cut image tokens or answers"
+            )
+        return Example(ids, labels, pixel_values, key)
+
+    def _load(self, row: Row):
+        try:
+            return load_image(row.image)
+        except ImageError as e:
+            raise DatasetError(f"{self.path}: row {row.index} (id {row.id!r}): unreadable image file {row.image}: {e}") from None
+
+
+def _reason(message: str) -> str:
+    for reason in ("missing image file", "unreadable image file", "wrong roles", "slot", "conversations"):
+        if reason in message:
+            return reason
+    return "other"
+
+
+@dataclass
+class Collator:
+    """Right-pads a list of `Example`s into a batch; images go in batch order (the order of their slots)."""
+
+    pad_token_id: int
+    feature_lookup: object | None = None  # callable list[str] -> Tensor [n_images, T, D] (a FeatureCache)
+
+    def __call__(self, examples: Sequence[Example]) -> dict[str, torch.Tensor]:
+        width = max(len(e.input_ids) for e in examples)
+        ids = torch.full((len(examples), width), self.pad_token_id, dtype=torch.long)
+        labels = torch.full((len(examples), width), IGNORE_INDEX, dtype=torch.long)
+        mask = torch.zeros((len(examples), width), dtype=torch.long)
+        for b, e in enumerate(examples):
+            n = len(e.input_ids)
+            ids[b, :n], labels[b, :n], mask[b, :n] = torch.tensor(e.input_ids), torch.tensor(e.labels), 1
+        batch = {"input_ids": ids, "labels": labels, "attention_mask": mask}
+        keys = [e.image_key for e in examples if e.image_key is not None]
+        pixels = [e.pixel_values for e in examples if e.pixel_values is not None]
+        if keys:
+            batch["image_features"] = self.feature_lookup(keys)  # [n_images, T, D]
+        if pixels:
+            batch["pixel_values"] = torch.stack(pixels)  # [n_images, 3, S, S]
+        return batch
+
+
+@dataclass
+class ModalityLengthSampler(Sampler[int]):
+    """LLaVA's grouping: batches hold one modality (image or text-only) and rows of similar length.
+
+    Each modality is shuffled, cut into mega-batches of `batch_size * mega` rows, each sorted by length and cut into
+    batches; the batches of both modalities are then shuffled together. Deterministic in (seed, epoch), so a
+    resumed run sees the same order.
+    """
+
+    lengths: list[int]
+    modalities: list[bool]
+    batch_size: int
+    seed: int = 0
+    mega: int = 8
+    epoch: int = field(default=0)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+    def __iter__(self) -> Iterator[int]:
+        rng = random.Random(self.seed * 100_003 + self.epoch)
+        batches: list[list[int]] = []
+        for modality in (True, False):
+            idx = [i for i, m in enumerate(self.modalities) if m == modality]
+            rng.shuffle(idx)
+            step = self.batch_size * self.mega
+            for start in range(0, len(idx), step):
+                mega = sorted(idx[start:start + step], key=lambda i: -self.lengths[i])
+                batches += [mega[j:j + self.batch_size] for j in range(0, len(mega), self.batch_size)]
+        rng.shuffle(batches)
+        return iter([i for b in batches for i in b])
