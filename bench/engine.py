@@ -85,12 +85,12 @@ def quick_setup() -> Setup:
                  p1_tokens=64, p2_tokens=32, p3_tokens=16, repeats=5)
 
 
-def default_setup() -> Setup:
+def default_setup(dtype: str = "float32") -> Setup:
     """The embedded default model (DINOv2-small + SmolLM2-135M)."""
     try:
         from llava.loading import load_model
 
-        loaded = load_model("default")
+        loaded = load_model("default", dtype=dtype)
     except (ImportError, FileNotFoundError, ValueError, RuntimeError) as exc:
         raise SystemExit(
             f"bench.engine: the embedded default model could not be loaded ({type(exc).__name__}: {exc}); "
@@ -323,7 +323,7 @@ def ms(x: float | None) -> str:
 
 def print_report(res: dict) -> None:
     p1, p2, p3 = res["p1"], res["p2"], res["p3"]
-    print(f"\nengine benchmark: model={res['model']} threads={res['threads']} "
+    print(f"\nengine benchmark: model={res['model']} dtype={res['dtype']} threads={res['threads']} "
           f"load average {res['load_avg_start']:.1f} -> {res['load_avg_end']:.1f} (other processes share the CPU)")
     print(f"\nP1 single stream ({p1['tokens']} tokens)")
     print(f"  raw forward loop : {p1['raw_tok_s']:8.1f} tok/s")
@@ -352,13 +352,16 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--quick", action="store_true", help="small random model instead of the embedded default")
     ap.add_argument("--threads", type=int, default=None,
                     help="torch intra-op threads (default: 1 with --quick, torch's default otherwise)")
+    ap.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
+                    help="dtype of the default model (full mode only)")
     ap.add_argument("--out", type=Path, default=None, help="JSON path (default bench/results/engine-<mode>.json)")
     args = ap.parse_args(argv)
     threads = args.threads or (1 if args.quick else torch.get_num_threads())
     torch.set_num_threads(threads)
-    setup = quick_setup() if args.quick else default_setup()
+    setup = quick_setup() if args.quick else default_setup(args.dtype)
     t0 = time.perf_counter()
     res = {"mode": "quick" if args.quick else "full", "model": setup.name, "threads": threads,
+           "dtype": str(next(setup.model.parameters()).dtype).removeprefix("torch."),
            "load_avg_start": os.getloadavg()[0]}
     res["p1"] = bench_p1(setup)
     res["p2"] = bench_p2(setup)
