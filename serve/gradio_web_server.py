@@ -1,0 +1,482 @@
+"""The browser chat of the LLaVA demo: a gradio 6 Blocks app in front of a controller.
+
+Run: `python -m serve.gradio_web_server --controller-url http://127.0.0.1:21001 [--host 127.0.0.1] [--port 7860]
+[--log-dir serve_logs] [--log-ip] [--concurrency-count 16]`.
+
+Promises:
+- The conversation is a `llava.chat.ChatSession` (the same object the terminal CLI uses) inside a per-browser
+  `WebChat`; the chat display is re-derived from it, so what is shown is what the model is sent. Prompts are never
+  formatted here: the messages go to the controller's `/worker_generate_messages`, and the worker renders them with
+  its model's own template.
+- Several images per conversation: each turn may attach images (an upload never wipes the chat); earlier images stay
+  in the conversation, in `<image>` order.
+- Replies stream; Stop cancels the request (the worker stops generating when the stream closes) and keeps the text
+  shown so far in the conversation; Regenerate replaces the last reply; Clear starts a new conversation.
+- Errors are shown in the chat with the server's stable code, its name and the message naming the real cause
+  (no generic "network error").
+- Logs: `<log-dir>/<UTC date>-conv.jsonl`, one JSON object per event (replies, votes, flags), appended and flushed
+  per event, so a killed server loses nothing it already showed; images are saved once as `<log-dir>/images/<sha256
+  of the uploaded bytes>.png`. The client IP is logged only with --log-ip.
+- Binds 127.0.0.1 unless --host says otherwise.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import datetime as dt
+import hashlib
+import io
+import json
+import os
+import threading
+import time
+import uuid
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import gradio as gr
+import httpx
+from PIL import Image
+
+from llava.chat import ChatSession, ChatStateError, image_bytes
+from llava.images import ImageError
+from llava.templates import IMAGE_PLACEHOLDER, ImageCountError
+from serve.common import FrameSplitter, setup_logging
+from serve.protocol import ErrorCode, ServeError
+
+logger = setup_logging("serve.gradio_web_server")
+
+IMAGE_MODES = ("default", "pad", "resize", "crop")  # "default" = the model's own preprocessing
+DEFAULT_TEMPERATURE = 0.2
+DEFAULT_TOP_P = 0.7
+DEFAULT_MAX_TOKENS = 512
+
+
+def demo_dir() -> Path:
+    """Shipped example images (assets/demo; LLAVA_ASSETS overrides assets/, as for the default model)."""
+    return Path(os.environ.get("LLAVA_ASSETS", Path(__file__).resolve().parents[1] / "assets")) / "demo"
+
+
+@dataclass(frozen=True)
+class WebConfig:
+    controller_url: str = "http://127.0.0.1:21001"
+    log_dir: Path = Path("serve_logs")
+    log_ip: bool = False
+    concurrency_count: int = 16  # events of one kind (e.g. streamed replies) served at once
+    request_timeout: float = 300.0  # longest silence between two chunks of a reply
+
+
+# ----------------------------------------------------------------------------------------------- state
+
+
+@dataclass
+class Streaming:
+    """A reply being generated: kept on the chat so Stop can keep its text even if the generator never resumes."""
+
+    pending: dict[str, str]  # the user message being answered (by identity: a replaced turn is not touched)
+    record: dict[str, Any]  # model, params, start: logged with the outcome
+    text: str = ""
+
+
+@dataclass
+class WebChat:
+    """One browser tab's conversation: the shared `ChatSession` + what only the web page needs."""
+
+    session: ChatSession = field(default_factory=ChatSession)
+    conv_id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    image_paths: list[str] = field(default_factory=list)  # display copies, parallel to session.images
+    image_shas: list[str] = field(default_factory=list)  # names of the logged copies, parallel to session.images
+    error: str | None = None  # shown after the messages until the next action
+    streaming: Streaming | None = None
+    voted: bool = False  # one vote/flag per reply
+
+    @property
+    def generating(self) -> bool:
+        return self.streaming is not None
+
+    def add_user(self, text: str, images: Sequence[bytes], paths: Sequence[str], shas: Sequence[str]) -> None:
+        """A user turn with `images` (encoded bytes) shown from `paths` and logged as `shas`."""
+        if self.session.awaiting_reply:
+            # a turn whose reply failed or was stopped before any text: the new message replaces it
+            self.drop_pending_user()
+        self.session.add_user(text, images)
+        self.image_paths.extend(paths)
+        self.image_shas.extend(shas)
+
+    def drop_pending_user(self) -> None:
+        _, taken = self.session.pop_user()
+        if taken:
+            del self.image_paths[-len(taken):]
+            del self.image_shas[-len(taken):]
+
+    @property
+    def has_reply(self) -> bool:
+        return bool(self.session.messages) and self.session.messages[-1]["role"] == "assistant"
+
+
+def new_chat() -> WebChat:
+    return WebChat()
+
+
+def format_error(err: ServeError) -> str:
+    return f"Error {int(err.code)} ({err.code.name.lower()}): {err.message}"
+
+
+def render(chat: WebChat, partial: str | None = None) -> list[dict[str, Any]]:
+    """gr.Chatbot messages for the conversation (+ a reply being streamed, + the last error)."""
+    out: list[dict[str, Any]] = []
+    paths = iter(chat.image_paths)
+    for m in chat.session.messages:
+        if m["role"] == "assistant":
+            out.append({"role": "assistant", "content": m["content"] or "_(empty reply)_"})
+            continue
+        n = m["content"].count(IMAGE_PLACEHOLDER)
+        text = m["content"].replace(IMAGE_PLACEHOLDER + "\n", "").replace(IMAGE_PLACEHOLDER, "").strip()
+        content: list[Any] = [{"path": next(paths)} for _ in range(n)]
+        out.append({"role": "user", "content": content + [text] if text else content})
+    if partial is not None:
+        out.append({"role": "assistant", "content": partial})
+    if chat.error:
+        out.append({"role": "assistant", "content": f"**⚠ {chat.error}**"})
+    return out
+
+
+def button_updates(chat: WebChat, busy: bool = False) -> tuple:
+    """Interactivity of (upvote, downvote, flag, regenerate, clear); `busy`: a reply is about to start."""
+    idle = not (chat.generating or busy)
+    vote = idle and chat.has_reply and not chat.voted
+    regenerate = idle and (chat.has_reply or chat.session.awaiting_reply)
+    clear = idle and bool(chat.session.messages or chat.error)
+    return (gr.update(interactive=vote),) * 3 + (gr.update(interactive=regenerate), gr.update(interactive=clear))
+
+
+# ----------------------------------------------------------------------------------------------- logs
+
+
+class EventLog:
+    """Append-only JSONL per UTC day + images saved once by content hash."""
+
+    def __init__(self, log_dir: Path, log_ip: bool):
+        self.dir = Path(log_dir)
+        self.images_dir = self.dir / "images"
+        self.images_dir.mkdir(parents=True, exist_ok=True)
+        self.log_ip = log_ip
+        self._lock = threading.Lock()
+
+    def path_for(self, when: dt.datetime) -> Path:
+        return self.dir / f"{when:%Y-%m-%d}-conv.jsonl"
+
+    def write(self, event: dict[str, Any], request: gr.Request | None) -> None:
+        now = dt.datetime.now(dt.timezone.utc)
+        record = {"tstamp": now.timestamp(), **event}
+        if self.log_ip and request is not None and request.client is not None:
+            record["ip"] = request.client.host
+        line = json.dumps(record, ensure_ascii=False) + "\n"
+        with self._lock, open(self.path_for(now), "a", encoding="utf-8") as f:
+            f.write(line)  # closing flushes: a later kill -9 cannot lose this event
+
+    def save_image(self, data: bytes) -> str:
+        """Store the image as <sha256 of its bytes>.png (once) and return the sha."""
+        sha = hashlib.sha256(data).hexdigest()
+        target = self.images_dir / f"{sha}.png"
+        if not target.exists():
+            tmp = target.with_suffix(f".{uuid.uuid4().hex}.tmp")
+            Image.open(io.BytesIO(data)).save(tmp, format="PNG")
+            os.replace(tmp, target)  # readers never see a half-written file
+        return sha
+
+
+def conversation_record(chat: WebChat, model: str | None) -> dict[str, Any]:
+    return {
+        "conv_id": chat.conv_id, "model": model, "messages": chat.session.to_messages(),
+        "images": list(chat.image_shas),
+    }
+
+
+# ----------------------------------------------------------------------------------------------- controller I/O
+
+
+class ControllerClient:
+    """The few controller calls the UI makes; every failure becomes a `ServeError` naming its cause."""
+
+    def __init__(self, url: str, timeout: float):
+        self.url = url.rstrip("/")
+        self.timeout = timeout
+
+    def _unreachable(self, what: str, e: Exception) -> ServeError:
+        return ServeError(ErrorCode.WORKER_UNREACHABLE,
+                          f"cannot reach the controller at {self.url} ({what}): {type(e).__name__}: {e}")
+
+    async def list_models(self) -> list[str]:
+        try:
+            async with httpx.AsyncClient(timeout=10.0) as client:
+                r = await client.post(self.url + "/refresh_all_workers")
+                r.raise_for_status()
+                r = await client.post(self.url + "/list_models")
+                r.raise_for_status()
+                return list(r.json()["models"])
+        except (httpx.HTTPError, ValueError, KeyError) as e:
+            raise self._unreachable("listing models", e) from None
+
+    async def stream_messages(self, payload: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
+        """Chunks of `/worker_generate_messages`; an error chunk or status is raised as the server's ServeError."""
+        timeout = httpx.Timeout(connect=10.0, read=self.timeout, write=60.0, pool=10.0)
+        splitter = FrameSplitter()
+        try:
+            async with httpx.AsyncClient(timeout=timeout) as client:
+                async with client.stream("POST", self.url + "/worker_generate_messages", json=payload) as r:
+                    async for data in r.aiter_raw():
+                        for chunk in self._checked(splitter.feed(data), r.status_code):
+                            yield chunk
+                    if r.status_code != 200 or splitter.pending.strip():
+                        raise ServeError(ErrorCode.WORKER_UNREACHABLE,
+                                         f"the controller answered HTTP {r.status_code} with an unreadable body: "
+                                         f"{splitter.pending[:300]!r}")
+        except httpx.HTTPError as e:
+            raise self._unreachable("generating", e) from None
+        except json.JSONDecodeError as e:
+            raise ServeError(ErrorCode.WORKER_UNREACHABLE, f"the controller sent a malformed chunk: {e}") from None
+
+    @staticmethod
+    def _checked(chunks: list[dict], status: int) -> list[dict]:
+        for chunk in chunks:
+            if chunk.get("error_code", 0) or status != 200:
+                raise ServeError.from_chunk(chunk)
+        return chunks
+
+
+# ----------------------------------------------------------------------------------------------- handlers
+
+
+class ChatHandlers:
+    """The UI's event functions. Each takes the tab's `WebChat` and returns the components it updates."""
+
+    def __init__(self, config: WebConfig):
+        self.config = config
+        self.controller = ControllerClient(config.controller_url, config.request_timeout)
+        self.log = EventLog(config.log_dir, config.log_ip)
+
+    async def refresh_models(self, current: str | None):
+        try:
+            models = await self.controller.list_models()
+        except ServeError as e:
+            return gr.update(choices=[], value=None), f"⚠ {format_error(e)}"
+        if not models:
+            return gr.update(choices=[], value=None), "⚠ No model worker is registered with the controller yet."
+        value = current if current in models else models[0]
+        return gr.update(choices=models, value=value), ""
+
+    def add_text(self, chat: WebChat, message: dict | None):
+        """Add the user's turn (text + attached images) to the conversation."""
+        message = message or {}
+        text, files = (message.get("text") or "").strip(), list(message.get("files") or [])
+        chat.error = None
+        try:
+            if chat.generating:
+                raise ChatStateError("a reply is still being generated; wait for it or press Stop")
+            data = [image_bytes(path) for path in files]  # validated first: a bad file is refused, not logged
+            chat.add_user(text, data, files, [self.log.save_image(d) for d in data])
+        except (ImageError, ImageCountError, ChatStateError, OSError) as e:
+            chat.error = f"{type(e).__name__}: {e}"
+            return chat, render(chat), gr.update(), *button_updates(chat)
+        chat.voted = False
+        return chat, render(chat), gr.update(value=None), *button_updates(chat, busy=True)
+
+    def regenerate(self, chat: WebChat):
+        chat.error = None
+        if chat.has_reply and not chat.generating:
+            chat.session.pop_assistant()
+            chat.voted = False
+        return chat, render(chat), *button_updates(chat, busy=chat.session.awaiting_reply)
+
+    def clear(self, chat: WebChat):
+        if chat.generating:
+            chat.error = "a reply is still being generated; press Stop first"
+            return chat, render(chat), gr.update(), *button_updates(chat)
+        fresh = WebChat()
+        return fresh, render(fresh), gr.update(value=None), *button_updates(fresh)
+
+    def stopped(self, chat: WebChat, request: gr.Request):
+        """Stop (its event cancels the streaming one): keep the text shown so far as the reply."""
+        if chat.streaming is not None:
+            self.finish_reply(chat, chat.streaming, {"finish_reason": "stopped"}, request)
+        return chat, render(chat), *button_updates(chat)
+
+    def finish_reply(self, chat: WebChat, s: Streaming, outcome: dict[str, Any], request: gr.Request | None) -> None:
+        """Commit and log the reply `s` once (Stop and the closing generator may both get here)."""
+        if chat.streaming is not s:
+            return
+        chat.streaming = None
+        complete = outcome["finish_reason"] in ("stop", "length")
+        if chat.session.messages and chat.session.messages[-1] is s.pending and (s.text or complete):
+            chat.session.add_assistant(s.text)
+        self.log.write({
+            "type": "chat", **conversation_record(chat, s.record["model"]), **s.record, "finish": time.time(),
+            **outcome,
+        }, request)
+
+    def vote(self, kind: str):
+        def handler(chat: WebChat, model: str | None, request: gr.Request):
+            if chat.has_reply and not chat.voted:
+                self.log.write({"type": kind, **conversation_record(chat, model)}, request)
+                chat.voted = True
+            return chat, *button_updates(chat)
+
+        handler.__name__ = kind
+        return handler
+
+    async def bot_response(self, chat: WebChat, model: str | None, temperature: float, top_p: float,
+                           max_new_tokens: int, image_mode: str, request: gr.Request):
+        """Stream the reply to the pending user turn."""
+        if not chat.session.awaiting_reply or chat.generating:
+            yield chat, render(chat), *button_updates(chat)
+            return
+        if not model:
+            chat.error = "no model selected: pick one in the Model list (press Refresh if it is empty)"
+            yield chat, render(chat), *button_updates(chat)
+            return
+        payload = {
+            "model": model, "messages": chat.session.to_messages(),
+            "images": [base64.b64encode(b).decode() for b in chat.session.images],
+            "temperature": float(temperature), "top_p": float(top_p), "max_new_tokens": int(max_new_tokens),
+            "image_mode": image_mode,
+        }
+        params = {k: payload[k] for k in ("temperature", "top_p", "max_new_tokens", "image_mode")}
+        s = Streaming(chat.session.messages[-1], {"model": model, "params": params, "start": time.time()})
+        chat.streaming, chat.error = s, None
+        outcome: dict[str, Any] = {"finish_reason": "stopped"}  # stays so if the event is cancelled (Stop)
+        yield chat, render(chat, ""), *button_updates(chat)
+        try:
+            async for chunk in self.controller.stream_messages(payload):
+                s.text = chunk.get("text", s.text)
+                if chunk.get("finish_reason"):
+                    outcome = {"finish_reason": chunk["finish_reason"], "usage": chunk.get("usage")}
+                yield chat, render(chat, s.text), *button_updates(chat)
+        except ServeError as e:
+            chat.error = format_error(e)
+            outcome = {"finish_reason": "error", "error": {"code": int(e.code), "message": e.message}}
+        finally:
+            # success, error and cancellation alike (a no-op when Stop already kept the reply)
+            self.finish_reply(chat, s, outcome, request)
+        yield chat, render(chat), *button_updates(chat)
+
+
+# ----------------------------------------------------------------------------------------------- layout
+
+
+EXAMPLES = (  # (file in assets/demo, question)
+    ("easyvqa-4.png", "What color is the shape?"),
+    ("easyvqa-128.png", "What shape is in the image?"),
+    ("easyvqa-35.png", "Is there a green shape in the image?"),
+    ("easyvqa-39.png", "What is the color of the circle?"),
+    ("chelsea.jpg", "What animal is in this photo?"),
+    ("astronaut.jpg", "Describe this photo."),
+    ("coffee.jpg", "What is in the cup?"),
+    ("rocket.jpg", "What is this?"),
+)
+
+CSS = "#llava-chatbot { min-height: 420px; }"
+
+
+def example_rows() -> list[list[dict[str, Any]]]:
+    root = demo_dir()
+    return [[{"text": q, "files": [str(root / f)]}] for f, q in EXAMPLES if (root / f).is_file()]
+
+
+def build_demo(config: WebConfig) -> gr.Blocks:
+    h = ChatHandlers(config)
+    with gr.Blocks(title="LLaVA", analytics_enabled=False) as demo:
+        chat_state = gr.State(new_chat)  # a factory: every tab gets its own conversation
+        gr.Markdown("# LLaVA — chat about images")
+        with gr.Row():
+            with gr.Column(scale=1, min_width=260):
+                with gr.Row():
+                    model = gr.Dropdown(label="Model", choices=[], value=None, interactive=True, scale=4, allow_custom_value=True,
+                                        elem_id="model-selector")
+                    refresh_btn = gr.Button("Refresh", scale=1, min_width=60, elem_id="refresh-btn")
+                model_notice = gr.Markdown(elem_id="model-notice")
+                image_mode = gr.Radio(list(IMAGE_MODES), value="default", label="Image process mode",
+                                      info="default = the model's own preprocessing")
+                with gr.Accordion("Parameters", open=False):
+                    temperature = gr.Slider(0.0, 1.5, value=DEFAULT_TEMPERATURE, step=0.05, label="Temperature",
+                                            info="0 = greedy")
+                    top_p = gr.Slider(0.0, 1.0, value=DEFAULT_TOP_P, step=0.05, label="Top P")
+                    max_tokens = gr.Slider(1, 2048, value=DEFAULT_MAX_TOKENS, step=1, label="Max output tokens",
+                                           elem_id="max-tokens")
+            with gr.Column(scale=3):
+                chatbot = gr.Chatbot(label="LLaVA", elem_id="llava-chatbot", height=480, feedback_options=None,
+                                     buttons=["copy"])
+                textbox = gr.MultimodalTextbox(
+                    placeholder="Ask about the image(s)… attach one or more with the clip button",
+                    file_types=["image"], file_count="multiple", show_label=False, elem_id="chat-input",
+                )
+                with gr.Row():
+                    upvote_btn = gr.Button("Upvote", interactive=False, elem_id="upvote-btn")
+                    downvote_btn = gr.Button("Downvote", interactive=False, elem_id="downvote-btn")
+                    flag_btn = gr.Button("Flag", interactive=False, elem_id="flag-btn")
+                    stop_btn = gr.Button("Stop", variant="stop", elem_id="stop-btn")
+                    regenerate_btn = gr.Button("Regenerate", interactive=False, elem_id="regenerate-btn")
+                    clear_btn = gr.Button("Clear", interactive=False, elem_id="clear-btn")
+        rows = example_rows()
+        if rows:
+            gr.Examples(examples=rows, inputs=[textbox], label="Examples (click one, then press Enter)")
+
+        buttons = [upvote_btn, downvote_btn, flag_btn, regenerate_btn, clear_btn]
+        gen_inputs = [chat_state, model, temperature, top_p, max_tokens, image_mode]
+        gen_outputs = [chat_state, chatbot, *buttons]
+
+        refresh_args = dict(fn=h.refresh_models, inputs=[model], outputs=[model, model_notice])
+        refresh_btn.click(**refresh_args, api_name="refresh_models")
+        demo.load(**refresh_args, api_visibility="private")
+
+        submit = textbox.submit(h.add_text, [chat_state, textbox], [chat_state, chatbot, textbox, *buttons],
+                                api_name="add_text")
+        submit_gen = submit.then(h.bot_response, gen_inputs, gen_outputs, api_name="bot_response")
+        regen = regenerate_btn.click(h.regenerate, [chat_state], [chat_state, chatbot, *buttons],
+                                     api_name="regenerate")
+        regen_gen = regen.then(h.bot_response, gen_inputs, gen_outputs, api_visibility="private")
+        stop_btn.click(h.stopped, [chat_state], [chat_state, chatbot, *buttons], cancels=[submit_gen, regen_gen],
+                       api_name="stop")
+        clear_btn.click(h.clear, [chat_state], [chat_state, chatbot, textbox, *buttons], api_name="clear")
+        # the chatbot's own trash icon must clear the conversation too, not just the display
+        chatbot.clear(h.clear, [chat_state], [chat_state, chatbot, textbox, *buttons], api_visibility="private")
+        for btn, kind in ((upvote_btn, "upvote"), (downvote_btn, "downvote"), (flag_btn, "flag")):
+            btn.click(h.vote(kind), [chat_state, model], [chat_state, *buttons], api_name=kind)
+    demo.queue(default_concurrency_limit=config.concurrency_count)
+    return demo
+
+
+# ----------------------------------------------------------------------------------------------- entry point
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description="LLaVA web chat (gradio) in front of a controller")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=7860)
+    p.add_argument("--controller-url", default="http://127.0.0.1:21001")
+    p.add_argument("--log-dir", default="serve_logs", help="conversation/vote JSONL logs and saved images")
+    p.add_argument("--log-ip", action="store_true", help="record the client IP in the logs (off by default)")
+    p.add_argument("--concurrency-count", type=int, default=16, help="replies streamed at once")
+    p.add_argument("--request-timeout", type=float, default=300.0,
+                   help="seconds of silence from the controller before a reply fails")
+    return p
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    config = WebConfig(
+        controller_url=args.controller_url, log_dir=Path(args.log_dir).resolve(), log_ip=args.log_ip,
+        concurrency_count=args.concurrency_count, request_timeout=args.request_timeout,
+    )
+    demo = build_demo(config)
+    logger.info("web UI on http://%s:%d (controller %s, logs in %s)", args.host, args.port, config.controller_url,
+                config.log_dir)
+    demo.launch(server_name=args.host, server_port=args.port, share=False, ssr_mode=False, show_error=True,
+                allowed_paths=[str(demo_dir())], css=CSS, footer_links=["api", "settings"])
+
+
+if __name__ == "__main__":
+    main()
