@@ -191,12 +191,12 @@ def build_model(spec: AssemblySpec, workdir: Path):
     vision, vision_config, family, (mean, std) = load_vision_encoder(spec.vision_encoder)
     llm, tokenizer = load_llm(spec.llm)
     tokenizer = ensure_special_tokens(tokenizer, workdir / "tokenizer")
+    torch.manual_seed(spec.seed)  # mean-resizing samples the new token rows; the projector init below too
     if len(tokenizer) > llm.get_input_embeddings().weight.shape[0]:
         llm.resize_token_embeddings(len(tokenizer), mean_resizing=True)
     proc = image_processing_for(spec, vision_config, family, mean, std)
     config, model_cls = build_config(spec, vision_config, llm.config, proc, tokenizer.image_token_id)
 
-    torch.manual_seed(spec.seed)
     model = model_cls(config)  # random init everywhere; the pretrained parts are copied in below
     model.model.vision_tower.load_state_dict(vision.state_dict())
     model.model.language_model.load_state_dict(llm.model.state_dict())

@@ -153,7 +153,6 @@ def test_browser_chat_streams_a_reply(browser_available, tiny_stack, tmp_path):
     assert kept and after_stop and after_stop[0] and "Loading content" not in after_stop[0]
 
 
-@pytest.mark.slow
 def test_browser_chat_default_model_names_the_colour(tmp_path):
     require_browser()
     s = Stack(Path("default"), tmp_path, "default")

@@ -1,12 +1,10 @@
-"""The embedded default model: the real DINOv2-small + SmolLM2-135M-Instruct, assembled offline (slow)."""
+"""The embedded default model: the real DINOv2-small + SmolLM2-135M-Instruct + trained assets, assembled offline."""
 
 import pytest
 import torch
 
 from llava.default import default_model_dir
 from llava.loading import load_model
-
-pytestmark = pytest.mark.slow
 
 
 def test_default_assembles_offline_and_answers_text_questions():

@@ -558,7 +558,6 @@ def test_controller_restart_workers_reregister(cluster, record_property):
     assert status == 200 and chunks[-1]["error_code"] == 0
 
 
-@pytest.mark.slow
 def test_default_model_worker(tmp_path):
     """The embedded default model behind a worker (builds and caches it on first use: minutes)."""
     cluster = Cluster(tmp_path, tmp_path)

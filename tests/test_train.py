@@ -249,7 +249,7 @@ def test_evaluate_cli_writes_llava_answer_jsonl(tiny, tmp_path, capsys):
 # ----------------------------------------------------------------------------------------------- DeepSpeed
 
 
-@pytest.mark.slow  # ~40 s alone (DeepSpeed import + process group), minutes on a busy CPU
+# ~40 s alone (DeepSpeed import + process group); kept in `make test`: CI must show ZeRO-2 runs
 @pytest.mark.parametrize("stage", [2])
 def test_zero_steps_run_on_cpu(tiny, tmp_path, stage):
     """A few ZeRO steps of stage 2 (LoRA) through HF Trainer + DeepSpeed, single CPU process (own interpreter, so
@@ -326,3 +326,36 @@ def test_easyvqa_conversion_groups_questions_and_derives_captions():
         for q in by_image[image_id]:
             assert q.answer == colour if q.type == "colour" else q.answer == shape if q.type == "shape" else True
     assert len(caps) + sum(left_out.values()) == 1000
+
+
+def test_independent_turns_packed_as_tree_equal_separate_single_turn_samples(tiny, tmp_path):
+    """One sequence holding an image once and its exchanges as branches gives the loss of the separate samples."""
+    import torch.nn.functional as F
+
+    from llava.loading import load_model
+    from train.data import exchanges
+    from train.modeling import LlavaForTraining
+
+    data = write_data(tmp_path, n=2)
+    lm = load_model(str(tiny))
+    model = LlavaForTraining(lm.model)
+    proc, tok = lm.image_processing, lm.tokenizer
+    packed_ds = LlavaDataset(data, tok, "chatml_direct", proc, image_folder=tmp_path / "img", independent_turns=True)
+    ex = packed_ds[0]
+    assert ex.segments is not None and max(ex.segments) == 2 and ex.input_ids.count(tok.image_token_id) == 4
+    batch = Collator(tok.pad_token_id)([ex, packed_ds[1]])
+    assert batch["attention_mask"].shape[1:] == (1, batch["input_ids"].shape[1], batch["input_ids"].shape[1])
+    packed = model(**batch)["loss"]
+
+    # The same exchanges as separate single-turn rows, loss summed over all their label tokens.
+    rows = json.loads(data.read_text())
+    single = [{"id": f"{r['id']}-{k}", "image": r["image"], "conversations": c}
+              for r in rows for k, c in enumerate(exchanges(r["conversations"]))]
+    (tmp_path / "single.json").write_text(json.dumps(single))
+    ds = LlavaDataset(tmp_path / "single.json", tok, "chatml_direct", proc, image_folder=tmp_path / "img")
+    total, count = 0.0, 0
+    for i in range(len(ds)):
+        b = Collator(tok.pad_token_id)([ds[i]])
+        n = int((b["labels"][:, 1:] != IGNORE_INDEX).sum())
+        total, count = total + float(model(**b)["loss"]) * n, count + n
+    assert float(packed) == pytest.approx(total / count, rel=1e-4)

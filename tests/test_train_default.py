@@ -9,7 +9,6 @@ import pytest
 from llava.default import assets_dir
 
 
-@pytest.mark.slow
 def test_default_scores_at_least_95_percent_on_300_easyvqa_questions(tmp_path, capsys):
     from train.evaluate import main
 

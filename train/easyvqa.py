@@ -7,7 +7,9 @@ Promises:
   counted.
 - `dialogues(split)` gives stage-2 rows: an image's questions grouped into multi-turn dialogues (shuffled, at most
   `max_turns` a dialogue). The first question carries LLaVA-1.5's short-answer instruction, exactly the prompt the
-  evaluation uses, so one image costs its feature tokens once for ~10 question/answer pairs.
+  evaluation uses, so one image costs its feature tokens once for ~10 question/answer pairs. Multi-turn rows let
+  later answers lean on earlier ones (a shortcut the single-question evaluation cannot use); `branches` rows carry
+  the instruction on every question for training the exchanges independently (tree-packed, see train/data.py).
 - `write_json(rows, path)` writes the LLaVA JSON list; image paths are absolute, so no image folder is needed.
 """
 
@@ -126,8 +128,12 @@ def captions(split: str = "train", limit: int | None = None) -> tuple[list[dict]
     return rows[:limit], left_out
 
 
-def dialogues(split: str = "train", *, max_turns: int = 12, seed: int = 0, limit_images: int | None = None) -> list[dict]:
-    """Stage-2 rows: each image's questions (shuffled) in dialogues of at most `max_turns` exchanges."""
+def dialogues(split: str = "train", *, max_turns: int = 12, seed: int = 0, limit_images: int | None = None,
+              instruction_every_turn: bool = False) -> list[dict]:
+    """Stage-2 rows: each image's questions (shuffled) in dialogues of at most `max_turns` exchanges.
+
+    With `instruction_every_turn`, every question carries the short-answer instruction (rows meant to be trained as
+    independent single-turn exchanges, `LlavaDataset(independent_turns=True)`)."""
     rng = random.Random(seed)
     rows = []
     for image_id, qs in list(by_image(questions(split)).items())[:limit_images]:
@@ -137,7 +143,8 @@ def dialogues(split: str = "train", *, max_turns: int = 12, seed: int = 0, limit
             chunk = qs[start:start + max_turns]
             conv = []
             for j, q in enumerate(chunk):
-                human = f"<image>\n{prompt(q.text)}" if j == 0 else q.text
+                text = prompt(q.text) if j == 0 or instruction_every_turn else q.text
+                human = f"<image>\n{text}" if j == 0 else text
                 conv += [{"from": "human", "value": human}, {"from": "gpt", "value": q.answer}]
             rows.append({"id": f"easyvqa-{split}-{image_id}-{part}", "image": qs[0].image, "conversations": conv})
     return rows
@@ -148,3 +155,23 @@ def write_json(rows: list[dict], path: str | Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(rows, indent=0))
     return path
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m train.easyvqa --out DIR`: write the LLaVA JSON files (captions and dialogues, train and test)."""
+    import argparse
+
+    p = argparse.ArgumentParser(prog="python -m train.easyvqa", description=main.__doc__)
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--max-turns", type=int, default=12)
+    args = p.parse_args(argv)
+    for split in ("train", "test"):
+        rows, left_out = captions(split)
+        print(write_json(rows, args.out / f"easyvqa-{split}-captions.json"), len(rows), dict(left_out))
+        rows = dialogues(split, max_turns=args.max_turns)
+        print(write_json(rows, args.out / f"easyvqa-{split}-dialogues.json"), len(rows))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -248,7 +248,6 @@ def parse_args(argv):
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    torch.set_grad_enabled(False)
     lm = load_model(args.model_path, model_base=args.model_base, template=args.template)
     bench = args.benchmark or args.questions.stem
     items = easyvqa_items(args.limit, args.seed) if args.benchmark else jsonl_items(args.questions, args.image_folder, args.limit)

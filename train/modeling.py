@@ -54,7 +54,9 @@ class LlavaForTraining(nn.Module):
         projector = llava.model.multi_modal_projector
         return projector(image_features.to(next(projector.parameters()).dtype))
 
-    def forward(self, input_ids, attention_mask, labels, pixel_values=None, image_features=None):
+    def forward(self, input_ids, attention_mask, labels, pixel_values=None, image_features=None, position_ids=None):
+        """attention_mask is [B, L] (padding) or a 4D boolean [B, 1, L, L] from `train.data.tree_mask` (with
+        position_ids), which transformers passes to attention as is."""
         llava = self.llava
         embeds = llava.get_input_embeddings()(input_ids)  # [B, L, H]
         if pixel_values is not None or image_features is not None:
@@ -66,7 +68,9 @@ class LlavaForTraining(nn.Module):
                     "features"
                 )
             embeds = embeds.masked_scatter(slots.unsqueeze(-1), images.to(embeds.dtype))
-        hidden = llava.model.language_model(inputs_embeds=embeds, attention_mask=attention_mask).last_hidden_state
+        hidden = llava.model.language_model(
+            inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids
+        ).last_hidden_state
         target = labels[:, 1:]  # token t predicts t+1
         keep = target != IGNORE_INDEX  # [B, L-1]
         logits = llava.lm_head(hidden[:, :-1][keep])  # [K, V] only at labelled positions

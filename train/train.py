@@ -5,7 +5,8 @@ Promises:
   set. Presets differ only in data, template and which parts train: stage1 = projector on captions with `plain`;
   stage2 = projector + LLM (LoRA by default; `full` or `qlora` too) on conversations with the model's template.
 - The model is an HF llava folder, `default`, or an AssemblySpec JSON (assembled from its parts first).
-  `init_from` loads the projector of a previous stage's output, so stage-1 output feeds stage 2.
+  `init_from` loads the projector of a previous stage's output, so stage-1 output feeds stage 2 (and a LoRA
+  adapter/ there, if present, so a LoRA run can continue on more data).
 - With a frozen vision encoder (always, here) and `cache_features`, each image is encoded once into a FeatureCache
   reused across epochs and stages; `measure_cache_steps` times the same batches with and without the cache.
 - The run is resumable: checkpoints every `save_steps`; `resume` picks the newest `checkpoint-N` in output_dir.
@@ -54,7 +55,7 @@ class TrainConfig(BaseModel):
     data: str  # LLaVA JSON/JSONL path, or easyvqa:captions | easyvqa:dialogues
     output_dir: str
     image_folder: str | None = None
-    init_from: str | None = None  # previous stage's output_dir (its projector.safetensors is loaded)
+    init_from: str | None = None  # previous stage's output_dir: its projector (and LoRA adapter/, if any) are loaded
     template: str | None = None
     tune: Tune | None = None
     lora_r: int = 64
@@ -78,9 +79,11 @@ class TrainConfig(BaseModel):
     save_total_limit: int = 2
     logging_steps: int = 5
     seed: int = 0
-    limit: int | None = None  # first N rows of the data
+    offset: int = 0  # skip the first rows of the data (e.g. to continue on rows a previous run did not see)
+    limit: int | None = None  # then at most N rows
     skip_bad: bool = False
     max_length: int | None = None
+    independent_turns: bool = False  # pack an image's exchanges as independent single-turn samples (tree mask)
     deepspeed: str | None = None
     resume: bool = True
     export: bool = False
@@ -128,10 +131,25 @@ def load_projector(llava, folder: str | Path) -> None:
     llava.load_state_dict(state, strict=False)
 
 
+def load_adapter(peft_model, folder: Path, cfg: TrainConfig) -> None:
+    """Continue from a previous LoRA run: same rank and alpha, weights loaded into the fresh adapter."""
+    from peft import set_peft_model_state_dict
+
+    saved = json.loads((folder / "adapter_config.json").read_text())
+    if (saved.get("r"), saved.get("lora_alpha")) != (cfg.lora_r, cfg.lora_alpha):
+        raise ConfigError(f"{folder} has LoRA r={saved.get('r')} alpha={saved.get('lora_alpha')}, "
+                          f"this run asks for r={cfg.lora_r} alpha={cfg.lora_alpha}")
+    result = set_peft_model_state_dict(peft_model, load_file(folder / "adapter_model.safetensors"))
+    if result.unexpected_keys:
+        raise ConfigError(f"{folder}: adapter tensors the model does not have: {result.unexpected_keys[:5]}")
+
+
 def prepare_model(cfg: TrainConfig, llava) -> LlavaForTraining:
     if cfg.tune in ("lora", "qlora"):
         set_trainable(llava, projector=False, llm=False)
         peft_model = add_lora(llava, r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout, train_projector=True)
+        if cfg.init_from and (Path(cfg.init_from) / "adapter").is_dir():
+            load_adapter(peft_model, Path(cfg.init_from) / "adapter", cfg)
         return LlavaForTraining(peft_model)
     set_trainable(llava, projector=True, llm=cfg.tune == "full")
     return LlavaForTraining(llava)
@@ -150,15 +168,17 @@ def data_file(cfg: TrainConfig, out_dir: Path) -> Path:
         print(f"easy-VQA captions: {len(rows)} rows ({dict(left_out)} left out)")
     elif kind == "dialogues":
         rows = easyvqa.dialogues("train")
+    elif kind == "branches":
+        rows = easyvqa.dialogues("train", instruction_every_turn=True)
     else:
-        raise ConfigError(f"unknown easy-VQA source {cfg.data!r}; valid: easyvqa:captions, easyvqa:dialogues")
+        raise ConfigError(f"unknown easy-VQA source {cfg.data!r}; valid: easyvqa:captions, easyvqa:dialogues, easyvqa:branches")
     return easyvqa.write_json(rows, out_dir / f"easyvqa-{kind}.json")
 
 
 def build_dataset(cfg: TrainConfig, path: Path, tokenizer, template: str, proc) -> LlavaDataset:
     return LlavaDataset(
         path, tokenizer, template, proc, image_folder=cfg.image_folder, skip_bad=cfg.skip_bad,
-        max_length=cfg.max_length, limit=cfg.limit,
+        max_length=cfg.max_length, independent_turns=cfg.independent_turns, offset=cfg.offset, limit=cfg.limit,
     )
 
 
