@@ -109,6 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="Start controller + model worker + web UI (the LLaVA demo)")
     p.add_argument("--model-path", default="default", help="what the worker loads (default: the embedded model)")
     p.add_argument("--model-name", default=None)
+    p.add_argument("--dtype", default=None, help="worker dtype: float32 | bfloat16 | float16 (bfloat16 batches ~3x faster on CPU)")
     p.add_argument("--host", default="127.0.0.1", help="address of the web UI (the servers stay on loopback)")
     p.add_argument("--port", type=int, default=7860, help="web UI port")
     p.add_argument("--controller-port", type=int, default=21001)
@@ -136,6 +137,8 @@ def run(args: argparse.Namespace, stop: threading.Event) -> int:
                   str(args.worker_port), "--controller-address", controller]
         if args.model_name:
             worker += ["--model-name", args.model_name]
+        if args.dtype:
+            worker += ["--dtype", args.dtype]
         children.append(start("model worker", worker, env))
         children.append(start("web UI", ["serve.gradio_web_server", "--controller-url", controller, "--host",
                                          args.host, "--port", str(args.port), "--log-dir", args.log_dir], env))
