@@ -249,10 +249,10 @@ def test_evaluate_cli_writes_llava_answer_jsonl(tiny, tmp_path, capsys):
 # ----------------------------------------------------------------------------------------------- DeepSpeed
 
 
-# ~40 s alone (DeepSpeed import + process group); kept in `make test`: CI must show ZeRO-2 runs
-@pytest.mark.parametrize("stage", [2])
+# ~40 s each (DeepSpeed import + process group); ZeRO-2 kept in `make test` (CI must show it runs), ZeRO-3 slow
+@pytest.mark.parametrize("stage", [2, pytest.param(3, marks=pytest.mark.slow)])
 def test_zero_steps_run_on_cpu(tiny, tmp_path, stage):
-    """A few ZeRO steps of stage 2 (LoRA) through HF Trainer + DeepSpeed, single CPU process (own interpreter, so
+    """A few ZeRO-2 / ZeRO-3 steps of stage 2 (LoRA) through HF Trainer + DeepSpeed, single CPU process (own interpreter, so
     the process group does not leak into other tests)."""
     import os
     import socket
