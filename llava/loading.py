@@ -112,10 +112,9 @@ def resolve_template(explicit: str | None, meta: LlavaMeta | None, path: str) ->
     try:
         return get_template(get_entry(path).template)
     except KeyError:
-        pass
-    raise TemplateError(
-        f"{path!r} does not record its conversation template; pass template=... (e.g. --template vicuna_v1)"
-    )
+        raise TemplateError(
+            f"{path!r} does not record its conversation template; pass template=... (e.g. --template vicuna_v1)"
+        ) from None
 
 
 def image_processing_from_hf(path: str, config: dict) -> ImageProcessing:
