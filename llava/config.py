@@ -49,3 +49,7 @@ class LlavaMeta(BaseModel):
     image_processing: dict
     projector: str = "mlp2x_gelu"
     parts: dict[str, str] = Field(default_factory=dict)
+    # the CPU weight-only quantization measured within the model's quality gate of float32 (what --quantization
+    # auto serves on CPU), and the measurements behind it
+    cpu_quantization: Literal["int8", "int4"] | None = None
+    quality_gate: dict = Field(default_factory=dict)

@@ -1,292 +1,111 @@
-"""The generation engine: continuous batching of LLaVA requests with images, an image-feature cache, prefix
-reuse and cancellation. No HTTP here; workers and the CLI wrap it.
+"""The generation engine: continuous batching of LLaVA requests with images, chunked prefill, an image-feature
+cache, prefix reuse and cancellation. No HTTP here; workers and the CLI wrap it.
 
 Promises:
 - `Engine.submit(GenerationRequest)` is thread-safe, validates the request on the caller's thread (bad sampling
-  values, image/token count mismatches and over-long prompts raise there) and returns a `RequestHandle` that is
-  both a sync and an async iterator of `GenerationEvent`s, with `.cancel()` and `.result()`.
-- A background scheduler (`start()`) runs steps; at each step boundary queued requests join the running batch
-  (bounded by `max_batch_size` and by the tokens the batch may cache), newcomers are prefilled one by one, then
-  one decode step advances every running request. Finished or cancelled requests leave at once and their rows
-  are freed. Greedy output does not depend on what else is in the batch.
-- Image features are computed once per `ProcessedImage.key` (LRU bounded in bytes) and scattered into the
-  prompt's `<image>` positions; a feature/token count mismatch fails that request with a message naming both.
-- The KV of finished requests is kept (LRU bounded in tokens); a request whose ids and images extend a cached
-  sequence prefills only the new suffix. Greedy output with reuse equals output without.
+  values, image/token count mismatches and over-long prompts raise there) and returns a `RequestHandle` (sync and
+  async iterator of `GenerationEvent`s, `.cancel()`, `.result()`).
+- A background scheduler (`start()`) runs steps. A step admits queued requests (bounded by `max_batch_size` and by
+  the tokens the batch may cache), prefills up to `max_prefill_tokens_per_step` prompt positions of the admitted
+  requests in one forward (a long prompt is split over several steps, so running streams keep getting a token every
+  step), then advances every running request by one token. Finished or cancelled requests leave at once.
+- Newcomers' images that are not cached are encoded together, once per `ProcessedImage.key` (LRU bounded in bytes),
+  and scattered into the prompt's `<image>` positions; a feature/token count mismatch fails that request with a
+  message naming both.
+- A new request whose ids and images extend those of a finished request (kept in an LRU bounded in tokens) or of a
+  request still running starts from that request's KV and prefills only the rest. Greedy output with reuse equals
+  output without (exactly in float32; within the quantized kernels' rounding otherwise).
+- The LLM runs in `LlamaRunner` (Llama / Mistral / Qwen2 on the model's own weights, few ops per layer) or, for
+  other models, in `TransformersRunner`; `stats().runner` says which and why.
 - An exception inside a step fails only the requests it touched (finish_reason "error" with the message); the
   engine keeps running.
 """
 
 from __future__ import annotations
 
-import asyncio
 import logging
-import numbers
 import threading
 import time
-import uuid
 from collections import deque
-from collections.abc import AsyncIterator, Callable, Iterator, Sequence
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Literal
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, fields, replace
+from typing import TYPE_CHECKING
 
 import torch
-from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
 
-from llava.kvcache import BatchKV, ImageFeatureCache, ImageRun, PrefixCache, SequenceKV, new_cache, sequence_kv
+from llava.hf_runner import TransformersRunner
+from llava.kvcache import ImageFeatureCache, ImageRun, PrefixCache, common_prefix, images_agree
+from llava.requests import (
+    CacheStats, EngineError, EngineShutDownError, EngineStats, FinishReason, GenerationEvent, GenerationRequest,
+    GenerationResult, ImageFeatureMismatchError, InvalidRequestError, PromptTooLongError, RequestHandle,
+    UnsupportedModelError, check_ids, check_images,
+)
+from llava.runner import Chunk, LlamaRunner
 from llava.sampling import (
-    IncrementalDetokenizer,
-    InvalidSamplingParamsError,
-    RowSampler,
-    SamplingParams,
-    StopStringMatcher,
-    choose_next_tokens,
-    make_generator,
+    IncrementalDetokenizer, InvalidSamplingParamsError, RowSampler, SamplingParams, StopStringMatcher,
+    choose_next_tokens, make_generator,
 )
 
 if TYPE_CHECKING:
     from llava.images import ProcessedImage
 
 __all__ = [
-    "Engine", "EngineError", "EngineStats", "EngineShutDownError", "GenerationEvent", "GenerationRequest",
-    "GenerationResult", "ImageFeatureMismatchError", "InvalidRequestError", "InvalidSamplingParamsError",
-    "PromptTooLongError", "RequestHandle", "SamplingParams", "UnsupportedModelError",
+    "Engine", "EngineConfig", "EngineError", "EngineStats", "EngineShutDownError", "GenerationEvent",
+    "GenerationRequest", "GenerationResult", "ImageFeatureMismatchError", "InvalidRequestError",
+    "InvalidSamplingParamsError", "PromptTooLongError", "RequestHandle", "SamplingParams", "UnsupportedModelError",
 ]
 
 logger = logging.getLogger(__name__)
 
-FinishReason = Literal["stop", "length", "cancelled", "error"]
-
-
-# ------------------------------------------------------------------------------------------------------ errors
-
-
-class EngineError(Exception):
-    """Base class of the engine's own errors."""
-
-
-class InvalidRequestError(EngineError, ValueError):
-    """The request cannot be run as given (empty/invalid ids, image count mismatch, bad pixel tensor)."""
-
-
-class PromptTooLongError(InvalidRequestError):
-    """The prompt alone fills the model's context; the counts are attributes and in the message."""
-
-    def __init__(self, prompt_tokens: int, image_tokens: int, num_images: int, context_length: int):
-        self.prompt_tokens, self.image_tokens, self.context_length = prompt_tokens, image_tokens, context_length
-        super().__init__(
-            f"prompt has {prompt_tokens} tokens ({image_tokens} of them image tokens from {num_images} image(s), "
-            f"{prompt_tokens - image_tokens} text) but the model's context is {context_length} tokens, leaving no "
-            f"room to generate; shorten the conversation or send fewer/smaller images"
-        )
-
-
-class ImageFeatureMismatchError(EngineError):
-    """The vision encoder produced a different number of feature rows than the prompt has image tokens."""
-
-
-class EngineShutDownError(EngineError, RuntimeError):
-    """submit() after shutdown()."""
-
-
-class UnsupportedModelError(EngineError, ValueError):
-    """The model's cache layout cannot be batched by this engine (e.g. sliding-window attention)."""
-
-
-# ------------------------------------------------------------------------------------------- requests / events
-
-
-@dataclass
-class GenerationRequest:
-    """Rendered token ids (each image's `<image>` token already repeated `num_tokens` times), the images in
-    prompt order, and how to decode."""
-
-    input_ids: list[int]
-    images: Sequence[ProcessedImage] = ()
-    sampling: SamplingParams = field(default_factory=SamplingParams)
-    request_id: str = field(default_factory=lambda: uuid.uuid4().hex)
+RUNNERS = ("auto", "llama", "transformers")
 
 
 @dataclass(frozen=True)
-class GenerationEvent:
-    """One step of one request. `text` is the new text (possibly empty: a token may complete no character, or be
-    held back as a possible stop-string start). The last event has finished=True and a finish_reason."""
+class EngineConfig:
+    """How the engine batches and caches (every serve process can set these from its command line)."""
 
-    request_id: str
-    token_id: int | None
-    text: str
-    finished: bool = False
-    finish_reason: FinishReason | None = None
-    error: str | None = None
+    max_batch_size: int = 16  # requests decoded together
+    max_cached_tokens: int = 32768  # KV the batch may hold, counted as prompt + max_new_tokens per request
+    image_cache_bytes: int = 256 * 2**20  # projected image features kept (LRU); 0 disables
+    prefix_cache_tokens: int = 16384  # KV positions of finished requests kept for reuse (LRU); 0 disables
+    min_prefix_tokens: int = 16  # shortest shared prefix worth reusing
+    max_prefill_tokens_per_step: int = 512  # prompt positions computed between two decode steps
+    runner: str = "auto"  # auto | llama | transformers
 
-
-@dataclass(frozen=True)
-class GenerationResult:
-    request_id: str
-    text: str  # generated text, stop string trimmed
-    token_ids: list[int]  # generated ids, including a final EOS/stop id if one ended generation
-    finish_reason: FinishReason
-    prompt_tokens: int
-    cached_tokens: int  # prompt positions reused from the prefix cache (not recomputed)
-    time_to_first_token: float | None  # seconds from submit to the first token
-    latency: float  # seconds from submit to finish
-    error: str | None = None
-
-    @property
-    def completion_tokens(self) -> int:
-        return len(self.token_ids)
+    def __post_init__(self):
+        for f in ("max_batch_size", "max_cached_tokens", "max_prefill_tokens_per_step"):
+            if getattr(self, f) < 1:
+                raise ValueError(f"{f} must be >= 1, got {getattr(self, f)}")
+        for f in ("image_cache_bytes", "prefix_cache_tokens", "min_prefix_tokens"):
+            if getattr(self, f) < 0:
+                raise ValueError(f"{f} must be >= 0, got {getattr(self, f)}")
+        if self.runner not in RUNNERS:
+            raise ValueError(f"runner must be one of {', '.join(RUNNERS)}, got {self.runner!r}")
 
 
-class RequestHandle:
-    """Follow one request: iterate events (sync or async, any number of times), cancel it, or wait for it."""
-
-    def __init__(self, request_id: str, wake_engine):
-        self.request_id = request_id
-        self._wake_engine = wake_engine
-        self._events: list[GenerationEvent] = []
-        self._cond = threading.Condition()
-        self._async_waiters: list[tuple[asyncio.AbstractEventLoop, asyncio.Future]] = []
-        self._result: GenerationResult | None = None
-        self._cancel_requested = False
-
-    # -- consumer side
-
-    def cancel(self) -> None:
-        """Ask the engine to stop this request; it leaves the batch at the next step boundary."""
-        with self._cond:
-            if self._result is not None:
-                return
-            self._cancel_requested = True
-        self._wake_engine()
-
-    @property
-    def cancel_requested(self) -> bool:
-        return self._cancel_requested
-
-    @property
-    def done(self) -> bool:
-        return self._result is not None
-
-    def result(self, timeout: float | None = None) -> GenerationResult:
-        """Block until the request finishes (TimeoutError after `timeout` seconds)."""
-        with self._cond:
-            if not self._cond.wait_for(lambda: self._result is not None, timeout):
-                raise TimeoutError(f"request {self.request_id} did not finish within {timeout} s")
-            return self._result
-
-    async def aresult(self) -> GenerationResult:
-        async for _ in self:
-            pass
-        return self._result
-
-    def __iter__(self) -> Iterator[GenerationEvent]:
-        i = 0
-        while True:
-            with self._cond:
-                self._cond.wait_for(lambda: i < len(self._events))
-                ev = self._events[i]
-            i += 1
-            yield ev
-            if ev.finished:
-                return
-
-    async def _next_event(self, i: int) -> GenerationEvent:
-        while True:
-            with self._cond:
-                if i < len(self._events):
-                    return self._events[i]
-                loop = asyncio.get_running_loop()
-                fut = loop.create_future()
-                self._async_waiters.append((loop, fut))
-            await fut
-
-    async def _aiter(self) -> AsyncIterator[GenerationEvent]:
-        i = 0
-        while True:
-            ev = await self._next_event(i)
-            i += 1
-            yield ev
-            if ev.finished:
-                return
-
-    def __aiter__(self) -> AsyncIterator[GenerationEvent]:
-        return self._aiter()
-
-    # -- engine side
-
-    def _push(self, event: GenerationEvent, result: GenerationResult | None = None) -> None:
-        with self._cond:
-            self._events.append(event)
-            if result is not None:
-                self._result = result
-            waiters, self._async_waiters = self._async_waiters, []
-            self._cond.notify_all()
-        for loop, fut in waiters:
-            try:
-                loop.call_soon_threadsafe(_resolve, fut)
-            except RuntimeError:
-                # the consumer's event loop is closed: nobody awaits this future any more
-                continue
-
-
-def _resolve(fut: asyncio.Future) -> None:
-    if not fut.done():
-        fut.set_result(None)
-
-
-# ----------------------------------------------------------------------------------------------------- stats
-
-
-@dataclass(frozen=True)
-class CacheStats:
-    hits: int
-    misses: int
-    evictions: int
-    entries: int
-    bytes: int
-    tokens: int = 0  # prefix cache only: cached positions
-    reused_tokens: int = 0  # prefix cache only: prompt positions not recomputed thanks to it
-
-
-@dataclass(frozen=True)
-class EngineStats:
-    queued: int
-    running: int
-    batch_tokens: int  # real (unpadded) positions held by the running batch
-    batch_bytes: int  # bytes of the running batch's KV buffers
-    completed: int
-    cancelled: int
-    failed: int
-    generated_tokens: int
-    image_cache: CacheStats
-    prefix_cache: CacheStats
-
-
-# ------------------------------------------------------------------------------------------------- sequences
-
-
-@dataclass
+@dataclass(eq=False)
 class _Sequence:
-    """A request the scheduler has accepted: its decoding state while queued or running."""
+    """A request the scheduler has accepted: its state while queued, prefilling or decoding."""
 
     handle: RequestHandle
     request: GenerationRequest
     prompt: list[int]  # the request's ids, validated
     images: list  # the request's images, in prompt order
     max_new_tokens: int
-    reserve: int  # tokens this request may hold in the batch at most (prompt + max_new_tokens)
+    reserve: int  # tokens this request may hold at most (prompt + max_new_tokens)
     image_runs: list[ImageRun]
     stop_ids: frozenset[int]
     sampler: RowSampler
     detok: IncrementalDetokenizer
     stops: StopStringMatcher
     submitted_at: float
+    prefilled: int = 0  # prompt positions whose KV exist
     generated: list[int] = field(default_factory=list)
     text: list[str] = field(default_factory=list)
     cached_tokens: int = 0
     first_token_at: float | None = None
     finish_reason: FinishReason | None = None
-    final: tuple[int, str] | None = None  # the finishing token and its text, published after the batch update
+    final: tuple[int, str] | None = None  # the finishing token and its text, published once its row is released
 
     @property
     def fed_ids(self) -> list[int]:
@@ -297,45 +116,28 @@ class _Sequence:
 class Engine:
     """Continuous-batching generation over a transformers Llava / LlavaNext model (see the module docstring).
 
-    eos_token_ids: ids that end a reply (the template's, see `llava.templates.stop_token_ids`).
-    max_batch_size: running requests decoded together. max_cached_tokens: bound on the batch's KV, counted as
-    each running request's prompt + max_new_tokens (a single larger request still runs, alone).
-    image_cache_bytes / prefix_cache_tokens: LRU budgets (0 disables a cache); min_prefix_tokens: shortest
-    prefix worth reusing. max_prefill_tokens_per_step: newcomers' prompt tokens prefilled before the next decode
-    step (at least one request always joins). context_length: defaults to the LLM's max_position_embeddings.
-    Use it with `start()` (background scheduler) or drive it by hand with `step()` / `run_until_idle()`.
+    eos_token_ids: ids that end a reply (the template's, see `llava.templates.stop_token_ids`). The batching and
+    cache settings are an `EngineConfig` (`config=`) or its fields as keyword arguments. context_length defaults to
+    the LLM's max_position_embeddings. Use it with `start()` (background scheduler) or drive it by hand with
+    `step()` / `run_until_idle()`.
     """
 
-    def __init__(
-        self,
-        model,
-        tokenizer,
-        *,
-        eos_token_ids: Sequence[int],
-        max_batch_size: int = 16,
-        max_cached_tokens: int = 32768,
-        image_cache_bytes: int = 256 * 2**20,
-        prefix_cache_tokens: int = 16384,
-        min_prefix_tokens: int = 16,
-        max_prefill_tokens_per_step: int = 2048,
-        context_length: int | None = None,
-    ):
-        if max_batch_size < 1:
-            raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
-        if max_cached_tokens < 1:
-            raise ValueError(f"max_cached_tokens must be >= 1, got {max_cached_tokens}")
+    def __init__(self, model, tokenizer, *, eos_token_ids: Sequence[int], config: EngineConfig | None = None,
+                 context_length: int | None = None, **settings):
+        known = {f.name for f in fields(EngineConfig)}
+        unknown = set(settings) - known
+        if unknown:
+            raise TypeError(f"unknown engine settings {sorted(unknown)}; valid: {sorted(known)}")
+        self.config = replace(config or EngineConfig(), **settings)
         self.model = model
         self.tokenizer = tokenizer
         self.eos_token_ids = frozenset(int(i) for i in eos_token_ids)
-        self.max_batch_size = max_batch_size
-        self.max_cached_tokens = max_cached_tokens
-        self.max_prefill_tokens_per_step = max_prefill_tokens_per_step
+        self.max_batch_size = self.config.max_batch_size
         self._bind_model(model, context_length)
-        self._image_cache = ImageFeatureCache(image_cache_bytes)
-        self._prefix_cache = PrefixCache(prefix_cache_tokens, min_match=max(1, min_prefix_tokens))
-        self._batch = BatchKV(self._num_layers, self.device)
-        self._running: list[_Sequence] = []
-        self._joining: list[_Sequence] = []  # admitted this step, not yet in the batch
+        self._image_cache = ImageFeatureCache(self.config.image_cache_bytes)
+        self._prefix_cache = PrefixCache(self.config.prefix_cache_tokens, min_match=max(1, self.config.min_prefix_tokens))
+        self._running: list[_Sequence] = []  # decoding, in no particular order
+        self._prefilling: list[_Sequence] = []  # admitted, prompt not complete (FIFO)
         self._queue: deque[_Sequence] = deque()
         self._lock = threading.Condition()
         self._thread: threading.Thread | None = None
@@ -345,28 +147,32 @@ class Engine:
 
     def _bind_model(self, model, context_length: int | None) -> None:
         text_config = model.config.get_text_config(decoder=True)
-        probe = DynamicCache(config=model.config)
-        if any(type(layer) is not DynamicLayer for layer in probe.layers):
-            kinds = sorted({type(layer).__name__ for layer in probe.layers})
-            raise UnsupportedModelError(
-                f"the engine batches plain full-attention KV caches; this model's cache has layers {kinds}"
-            )
-        self._num_layers = text_config.num_hidden_layers
-        self._llm = model.model.language_model
         self._mm = model.model  # the Llava(Next)Model: vision tower, projector, get_image_features
-        self._lm_head = model.get_output_embeddings()
         self._embed = model.get_input_embeddings()
-        # quantized models keep float embeddings: their dtype is the compute dtype
-        self.dtype = self._embed.weight.dtype
         self.device = self._embed.weight.device
+        self.dtype = self._embed.weight.dtype  # quantized models keep float embeddings: their dtype computes
         vision_params = [p for p in self._mm.vision_tower.parameters() if p.is_floating_point()]
         self._vision_dtype = vision_params[0].dtype if vision_params else self.dtype
         self._anyres = hasattr(self._mm, "pack_image_features")
         self.image_token_id = int(model.config.image_token_id)
         self.context_length = int(context_length or text_config.max_position_embeddings)
         # lm_head may be padded past the tokenizer's vocabulary; those ids (and <image>) are never generated
-        lm_out = getattr(self._lm_head, "out_features", None) or text_config.vocab_size
-        self._vocab_limit = min(len(self.tokenizer), lm_out)
+        head = model.get_output_embeddings()
+        lm_out = getattr(head, "out_features", None) or text_config.vocab_size
+        vocab_limit = min(len(self.tokenizer), lm_out)
+        choice = self.config.runner
+        reason = LlamaRunner.unsupported_reason(model)
+        if choice == "llama" and reason:
+            raise UnsupportedModelError(f"runner 'llama' cannot run this model: {reason}")
+        if choice != "transformers" and reason is None:
+            self._runner = LlamaRunner(model, vocab_limit=vocab_limit, image_token_id=self.image_token_id,
+                                       max_rows=self.max_batch_size, context_length=self.context_length)
+            self.runner_name = "llama (the engine's own forward over transformers' weights)"
+        else:
+            self._runner = TransformersRunner(model, vocab_limit=vocab_limit, image_token_id=self.image_token_id)
+            why = "asked for" if choice == "transformers" else reason
+            self.runner_name = f"transformers ({why})"
+        logger.info("engine LLM runner: %s", self.runner_name)
 
     # ---------------------------------------------------------------------------------------------- lifecycle
 
@@ -387,11 +193,12 @@ class Engine:
             self._lock.notify_all()
         if self._thread is not None:
             self._thread.join(timeout)
-        for seq in [*self._running, *self._queue]:
+        for seq in [*self._running, *self._prefilling, *self._queue]:
+            self._release(seq)
             self._finish(seq, "cancelled", error="engine shut down")
         self._running.clear()
+        self._prefilling.clear()
         self._queue.clear()
-        self._batch = BatchKV(self._num_layers, self.device)
 
     def __enter__(self) -> Engine:
         return self.start()
@@ -418,7 +225,7 @@ class Engine:
 
     @property
     def num_running(self) -> int:
-        return len(self._running)
+        return len(self._running) + len(self._prefilling)
 
     def stats(self) -> EngineStats:
         """A snapshot of counters (read without stopping the scheduler, so fields may be one step apart)."""
@@ -426,13 +233,15 @@ class Engine:
         return EngineStats(
             queued=self.queue_length,
             running=len(self._running),
-            batch_tokens=self._batch.num_tokens,
-            batch_bytes=self._batch.nbytes,
+            prefilling=len(self._prefilling),
+            batch_tokens=self._runner.num_tokens,
+            batch_bytes=self._runner.nbytes,
             image_cache=CacheStats(ic.counters.hits, ic.counters.misses, ic.counters.evictions, len(ic), ic.nbytes),
             prefix_cache=CacheStats(
                 pc.counters.hits, pc.counters.misses, pc.counters.evictions, len(pc), pc.nbytes,
                 tokens=pc.num_tokens, reused_tokens=pc.reused_tokens,
             ),
+            runner=self.runner_name,
             **self._counts,
         )
 
@@ -453,8 +262,8 @@ class Engine:
     def _make_sequence(self, request: GenerationRequest) -> _Sequence:
         if not isinstance(request.sampling, SamplingParams):
             raise InvalidRequestError(f"sampling must be a SamplingParams, got {type(request.sampling).__name__}")
-        ids = self._check_ids(request.input_ids)
-        image_runs = self._check_images(ids, request.images)
+        ids = check_ids(request.input_ids, self._embed.num_embeddings)
+        image_runs = check_images(ids, request.images, self.image_token_id, self._anyres)
         n = len(ids)
         if n >= self.context_length:
             image_tokens = sum(r.num_tokens for r in image_runs)
@@ -477,49 +286,6 @@ class Engine:
             submitted_at=time.perf_counter(),
         )
 
-    def _check_ids(self, input_ids) -> list[int]:
-        if isinstance(input_ids, torch.Tensor):
-            input_ids = input_ids.flatten().tolist()
-        ids = list(input_ids)
-        if not ids:
-            raise InvalidRequestError("input_ids is empty")
-        vocab = self._embed.num_embeddings
-        bad = [i for i in ids if isinstance(i, bool) or not isinstance(i, numbers.Integral) or not 0 <= i < vocab]
-        if bad:
-            raise InvalidRequestError(f"input_ids must be ints in [0, {vocab}); got e.g. {bad[:5]}")
-        return [int(i) for i in ids]
-
-    def _check_images(self, ids: list[int], images) -> list[ImageRun]:
-        """Each image's run of `<image>` tokens in the prompt (image i takes the next num_tokens image positions)."""
-        positions = [p for p, t in enumerate(ids) if t == self.image_token_id]
-        counts = [getattr(im, "num_tokens", None) for im in images]
-        if any(not isinstance(c, int) or c < 1 for c in counts):
-            raise InvalidRequestError(f"every image needs num_tokens >= 1, got {counts}")
-        if sum(counts) != len(positions):
-            raise InvalidRequestError(
-                f"the prompt has {len(positions)} image tokens (id {self.image_token_id}) but its {len(images)} "
-                f"image(s) need {sum(counts)} ({counts}); render the prompt with each image's num_tokens"
-            )
-        runs, k = [], 0
-        for im, c in zip(images, counts):
-            start = positions[k]
-            if positions[k + c - 1] != start + c - 1:
-                raise InvalidRequestError(f"the {c} image tokens of image {len(runs)} are not contiguous in the prompt")
-            self._check_pixels(im, len(runs))
-            runs.append(ImageRun(str(im.key), start, c))
-            k += c
-        return runs
-
-    def _check_pixels(self, im, index: int) -> None:
-        pv = getattr(im, "pixel_values", None)
-        want = 4 if self._anyres else 3
-        if not isinstance(pv, torch.Tensor) or pv.dim() != want:
-            shape = tuple(pv.shape) if isinstance(pv, torch.Tensor) else type(pv).__name__
-            layout = "[n_views, 3, S, S] (anyres)" if self._anyres else "[3, S, S]"
-            raise InvalidRequestError(
-                f"image {index}: pixel_values must be a {layout} tensor for this model, got {shape}"
-            )
-
     # ----------------------------------------------------------------------------------------------- scheduler
 
     def _wake(self) -> None:
@@ -529,44 +295,29 @@ class Engine:
     def _run(self) -> None:
         while True:
             with self._lock:
-                self._lock.wait_for(lambda: self._stopping or self._queue or self._running)
+                self._lock.wait_for(lambda: self._stopping or self._queue or self._running or self._prefilling)
                 if self._stopping:
                     return
             try:
                 self._step()
             except Exception as exc:  # a bug outside the per-request guards: fail what is in flight, keep serving
                 logger.exception("engine step failed")
-                self._fail_running(exc)
+                self._fail_all(exc)
 
     @torch.inference_mode()
     def _step(self) -> bool:
         self._drop_cancelled()
-        newcomers = self._joining = self._admit()
-        joined: list[tuple[_Sequence, Cache]] = []
-        for seq in newcomers:
-            try:
-                cache = self._prefill(seq)
-            except Exception as exc:
-                logger.exception("prefill of request %s failed", seq.request.request_id)
-                self._finish(seq, "error", error=f"{type(exc).__name__}: {exc}")
-                continue
-            if seq.finish_reason is None:
-                joined.append((seq, cache))
-            else:  # done after one token
-                self._remember(seq, lambda cache=cache: sequence_kv(cache))
-                self._publish_final(seq)
-        if joined:
-            # views into the prefill caches: add_rows copies them into the batch buffers
-            self._batch.add_rows([[(layer.keys, layer.values) for layer in c.layers] for _, c in joined])
-            self._running.extend(seq for seq, _ in joined)
-        self._joining = []
+        admitted = self._admit()
+        chunks = self._plan_prefill()
+        if chunks:
+            self._prefill(chunks)
         if self._running:
             try:
                 self._decode()
             except Exception as exc:
                 logger.exception("decode step failed")
-                self._fail_running(exc)
-        return bool(newcomers or self._running or self._queue)
+                self._fail(list(self._running), exc)
+        return bool(admitted or chunks or self._running or self._prefilling or self._queue)
 
     def _drop_cancelled(self) -> None:
         with self._lock:
@@ -575,133 +326,194 @@ class Engine:
                 self._queue.remove(s)
         for s in gone:
             self._finish(s, "cancelled")
-        keep = [i for i, s in enumerate(self._running) if not s.handle.cancel_requested]
-        if len(keep) < len(self._running):
-            gone = [s for s in self._running if s.handle.cancel_requested]
-            # free the rows first, so whoever waits on the final event sees the memory released
-            self._batch.keep_rows(keep)
-            self._running = [self._running[i] for i in keep]
+        for group in (self._running, self._prefilling):
+            gone = [s for s in group if s.handle.cancel_requested]
             for s in gone:
+                group.remove(s)
+                self._release(s)  # free the row first, so whoever waits on the final event sees the memory released
                 self._finish(s, "cancelled")
 
     def _admit(self) -> list[_Sequence]:
-        """Pop queued requests (FIFO) while the batch, the cached-token budget and the prefill budget allow."""
+        """Pop queued requests (FIFO) while the batch and the cached-token budget allow; give each a KV row."""
         admitted: list[_Sequence] = []
-        reserved = sum(s.reserve for s in self._running)
-        prefill = 0
+        active = self._running + self._prefilling
+        reserved = sum(s.reserve for s in active)
         with self._lock:
-            while self._queue and len(self._running) + len(admitted) < self.max_batch_size:
+            while self._queue and len(active) + len(admitted) < self.max_batch_size:
                 seq = self._queue[0]
-                busy = bool(self._running or admitted)
                 # a request larger than the whole budget still runs, alone
-                if busy and reserved + seq.reserve > self.max_cached_tokens:
-                    break
-                if admitted and prefill + len(seq.prompt) > self.max_prefill_tokens_per_step:
+                if (active or admitted) and reserved + seq.reserve > self.config.max_cached_tokens:
                     break
                 self._queue.popleft()
                 admitted.append(seq)
                 reserved += seq.reserve
-                prefill += len(seq.prompt)
+        for seq in admitted:
+            try:
+                self._runner.reserve(seq, seq.reserve)
+                self._reuse_prefix(seq)
+            except Exception as exc:
+                logger.exception("admitting request %s failed", seq.request.request_id)
+                self._release(seq)
+                self._finish(seq, "error", error=f"{type(exc).__name__}: {exc}")
+                continue
+            self._prefilling.append(seq)
         return admitted
+
+    def _reuse_prefix(self, seq: _Sequence) -> None:
+        """Start `seq` from the longest cached or running prefix of its ids (same images at image positions)."""
+        ids = seq.prompt
+        best_running, best_len = None, 0
+        for other in self._running:
+            n = common_prefix(other.fed_ids, ids)
+            n = images_agree(min(n, len(ids) - 1), other.image_runs, seq.image_runs)
+            if n > best_len:
+                best_running, best_len = other, n
+        if best_len < self._prefix_cache.min_match or self.config.prefix_cache_tokens <= 0:
+            best_running, best_len = None, 0
+        match = self._prefix_cache.lookup(ids, seq.image_runs, longer_than=best_len, count=False)
+        if match is not None:
+            self._runner.seed(seq, match.entry.kv, match.length)
+            start = match.length
+        elif best_running is not None:
+            self._runner.seed(seq, self._runner.export(best_running, best_len), best_len)
+            start = best_len
+        else:
+            start = 0
+        self._prefix_cache.record(start)
+        seq.prefilled = seq.cached_tokens = start
+
+    def _plan_prefill(self) -> list[tuple[_Sequence, int, int]]:
+        """(seq, start, end) prompt spans to compute this step: FIFO, within the per-step token budget (the first
+        request always gets some, so a prompt longer than the budget still progresses)."""
+        budget = self.config.max_prefill_tokens_per_step
+        plan = []
+        for seq in self._prefilling:
+            if budget <= 0:
+                break
+            start = seq.prefilled
+            end = min(len(seq.prompt), start + budget)
+            plan.append((seq, start, end))
+            budget -= end - start
+        return plan
 
     # ---------------------------------------------------------------------------------------------- model work
 
-    def _prefill(self, seq: _Sequence) -> Cache:
-        """Compute the prompt's KV (reusing a cached prefix when one matches) and choose the first token."""
-        ids = seq.prompt
-        match = self._prefix_cache.lookup(ids, seq.image_runs)
-        start = match.length if match else 0
-        cache = new_cache(self._num_layers, match.entry.kv if match else None, start)
-        seq.cached_tokens = start
-        embeds = self._embed_prompt(seq, start)  # [1, n - start, hidden]
-        position_ids = torch.arange(start, len(ids), device=self.device).unsqueeze(0)
-        logits = self._forward(embeds, cache, None, position_ids)  # [1, V]
-        token = choose_next_tokens(logits, [seq.sampler])[0]
-        self._advance(seq, token)
-        return cache
+    def _prefill(self, plan: list[tuple[_Sequence, int, int]]) -> None:
+        """Compute the planned prompt spans in one forward; the prompts that are complete choose a first token."""
+        try:
+            features = self._image_features(plan)
+        except Exception as exc:
+            logger.exception("image encoding failed")
+            self._fail([seq for seq, _, _ in plan], exc)
+            return
+        chunks, seqs = [], []
+        for seq, start, end in plan:
+            try:
+                embeds = self._embed_span(seq, start, end, features)
+            except Exception as exc:
+                logger.exception("preparing the prompt of request %s failed", seq.request.request_id)
+                self._fail([seq], exc)
+                continue
+            chunks.append(Chunk(seq, embeds, start, end == len(seq.prompt)))
+            seqs.append((seq, end))
+        if not chunks:
+            return
+        try:
+            logits = self._runner.prefill(chunks)
+        except Exception as exc:
+            logger.exception("prefill failed")
+            self._fail([seq for seq, _ in seqs], exc)
+            return
+        for seq, end in seqs:
+            seq.prefilled = end
+            if seq not in logits:
+                continue
+            self._prefilling.remove(seq)
+            token = choose_next_tokens(logits[seq].unsqueeze(0), [seq.sampler])[0]
+            self._advance(seq, token)
+            if seq.finish_reason is None:
+                self._running.append(seq)
+            else:  # done after one token
+                self._retire(seq)
 
     def _decode(self) -> None:
         """One token for every running request."""
-        seqs = self._running
-        last = torch.tensor([[s.generated[-1]] for s in seqs], device=self.device)  # [B, 1]
-        mask, position_ids = self._batch.step_inputs()
-        logits = self._forward(self._embed(last), self._batch.cache, mask, position_ids)  # [B, V]
-        self._batch.after_step()
+        seqs = list(self._running)
+        logits = self._runner.decode(seqs, [s.generated[-1] for s in seqs])  # [B, V]
         tokens = choose_next_tokens(logits, [s.sampler for s in seqs])
-        keep, done = [], []
-        for i, (seq, token) in enumerate(zip(seqs, tokens)):
+        for seq, token in zip(seqs, tokens):
             self._advance(seq, token)
-            if seq.finish_reason is None:
-                keep.append(i)
-            else:
-                self._remember(seq, lambda i=i: self._batch.row_kv(i))
-                done.append(seq)
-        if done:
-            self._batch.keep_rows(keep)
-            self._running = [seqs[i] for i in keep]
-            for seq in done:
-                self._publish_final(seq)
+        for seq in seqs:
+            if seq.finish_reason is not None:
+                self._running.remove(seq)
+                self._retire(seq)
 
-    def _forward(self, embeds, cache, attention_mask, position_ids) -> torch.Tensor:
-        """Run the LLM on embeds [B, q, hidden] and return float32 logits [B, V] of each row's last position."""
-        out = self._llm(
-            inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids,
-            past_key_values=cache, use_cache=True,
-        )
-        logits = self._lm_head(out.last_hidden_state[:, -1]).float()
-        logits[:, self._vocab_limit :] = float("-inf")
-        logits[:, self.image_token_id] = float("-inf")
-        return logits
+    def _image_features(self, plan) -> dict[str, torch.Tensor]:
+        """Features of the images inside the planned spans, by key: cached ones looked up, the others encoded
+        together (one vision forward per pixel shape) and cached."""
+        found: dict[str, torch.Tensor] = {}
+        todo: dict[str, object] = {}
+        for seq, start, end in plan:
+            for im, run in zip(seq.images, seq.image_runs):
+                if run.start >= end or run.start + run.num_tokens <= start or run.key in found or run.key in todo:
+                    continue
+                feats = self._image_cache.get(run.key)
+                if feats is None:
+                    todo[run.key] = im
+                else:
+                    found[run.key] = feats
+        groups: dict[tuple, list] = {}
+        for key, im in todo.items():
+            groups.setdefault(tuple(im.pixel_values.shape), []).append((key, im))
+        for group in groups.values():
+            for (key, _), feats in zip(group, self._vision_forward([im for _, im in group])):
+                found[key] = feats
+                self._image_cache.put(key, feats)
+        return found
 
-    def _embed_prompt(self, seq: _Sequence, start: int) -> torch.Tensor:
-        """Token embeddings of ids[start:] [1, q, hidden] with image features scattered into `<image>` positions."""
-        ids = torch.tensor(seq.prompt[start:], device=self.device).unsqueeze(0)
+    def _vision_forward(self, images: list) -> list[torch.Tensor]:
+        """Projected features [num_tokens, hidden] of images sharing one pixel shape, in one forward."""
+        pv = torch.stack([im.pixel_values for im in images]).to(self.device, self._vision_dtype)
+        if self._anyres:  # pv [n, n_views, 3, S, S]
+            sizes = torch.tensor([list(im.image_size) for im in images], device=self.device)
+            out = self._mm.get_image_features(pixel_values=pv, image_sizes=sizes, return_dict=True)
+        else:  # pv [n, 3, S, S]
+            out = self._mm.get_image_features(pixel_values=pv, return_dict=True)
+        feats = out.pooler_output
+        return [f.to(self.dtype) for f in feats]
+
+    def _embed_span(self, seq: _Sequence, start: int, end: int, features: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Token embeddings of ids[start:end] [q, hidden] with image features scattered into `<image>` positions."""
+        ids = torch.tensor(seq.prompt[start:end], device=self.device)
         embeds = self._embed(ids)
-        is_image = ids[0] == self.image_token_id  # [q]
-        n_image = int(is_image.sum())
-        if n_image:
-            feats = self._image_rows(seq, start)  # [n_image, hidden]
-            if feats.shape[0] != n_image:
-                raise ImageFeatureMismatchError(
-                    f"{n_image} image tokens to fill but {feats.shape[0]} feature rows from the images"
-                )
-            embeds[0, is_image] = feats.to(embeds.dtype)
-        return embeds
-
-    def _image_rows(self, seq: _Sequence, start: int) -> torch.Tensor:
-        """Feature rows for the image positions at or after `start`, in prompt order."""
         parts = []
-        for im, run in zip(seq.images, seq.image_runs):
-            if run.start + run.num_tokens <= start:
-                continue  # entirely inside the reused prefix
-            feats = self._image_features(im)
+        for run in seq.image_runs:
+            lo, hi = max(start, run.start), min(end, run.start + run.num_tokens)
+            if lo >= hi:
+                continue
+            feats = features[run.key]
             if feats.shape[0] != run.num_tokens:
                 raise ImageFeatureMismatchError(
                     f"image {run.key!r} was given {run.num_tokens} prompt tokens but the vision encoder + projector "
                     f"produce {feats.shape[0]} features for it; its num_tokens does not match this model"
                 )
-            parts.append(feats[max(0, start - run.start) :])
-        return torch.cat(parts)
-
-    def _image_features(self, im) -> torch.Tensor:
-        """Projected features [num_tokens, hidden] of one image, from the cache or the vision tower."""
-        feats = self._image_cache.get(im.key)
-        if feats is None:
-            pv = im.pixel_values.to(self.device, self._vision_dtype).unsqueeze(0)
-            if self._anyres:  # pv [1, n_views, 3, S, S]
-                sizes = torch.tensor([list(im.image_size)], device=self.device)
-                out = self._mm.get_image_features(pixel_values=pv, image_sizes=sizes, return_dict=True)
-            else:  # pv [1, 3, S, S]
-                out = self._mm.get_image_features(pixel_values=pv, return_dict=True)
-            feats = out.pooler_output[0].to(self.dtype)
-            self._image_cache.put(im.key, feats)
-        return feats
+            parts.append(feats[lo - run.start : hi - run.start])
+        is_image = ids == self.image_token_id
+        n_image = int(is_image.sum())
+        if n_image:
+            feats = torch.cat(parts) if parts else embeds.new_zeros(0, embeds.shape[-1])
+            if feats.shape[0] != n_image:
+                raise ImageFeatureMismatchError(
+                    f"{n_image} image tokens to fill but {feats.shape[0]} feature rows from the images"
+                )
+            embeds[is_image] = feats.to(embeds.dtype)
+        return embeds
 
     # ------------------------------------------------------------------------------------------- bookkeeping
 
     def _advance(self, seq: _Sequence, token: int) -> None:
-        """Record a new token: stop checks, text delta, event. A finishing token's event waits in
-        `seq.final` until the batch has been updated (`_publish_final`)."""
+        """Record a new token: stop checks, text delta, event. A finishing token's event waits in `seq.final`
+        until the request's row is released (`_retire`)."""
         seq.generated.append(token)
         self._counts["generated_tokens"] += 1
         if seq.first_token_at is None:
@@ -722,9 +534,21 @@ class Engine:
             seq.finish_reason = reason
             seq.final = (token, text)
 
-    def _publish_final(self, seq: _Sequence) -> None:
+    def _retire(self, seq: _Sequence) -> None:
+        """A finished request: offer its KV to the prefix cache, free its row, publish the final event."""
+        ids = seq.fed_ids
+        if self._prefix_cache.would_keep(len(ids)):
+            try:
+                self._prefix_cache.insert(ids, seq.image_runs, self._runner.export(seq, len(ids)))
+            except Exception:
+                logger.exception("keeping the KV of request %s failed", seq.request.request_id)
+        self._release(seq)
         token, text = seq.final
         self._finish(seq, seq.finish_reason, token=token, text=text)
+
+    def _release(self, seq: _Sequence) -> None:
+        if self._runner.has(seq):
+            self._runner.release(seq)
 
     def _finish(self, seq: _Sequence, reason: FinishReason, *, token: int | None = None, text: str = "",
                 error: str | None = None) -> None:
@@ -747,15 +571,16 @@ class Engine:
         )
         seq.handle._push(GenerationEvent(seq.request.request_id, token, text, True, reason, error), result)
 
-    def _remember(self, seq: _Sequence, get_kv: Callable[[], SequenceKV]) -> None:
-        """Offer a finished request's KV (prompt + generated tokens fed so far) to the prefix cache.
-        Cancelled and failed requests are not kept: their memory is freed at once."""
-        ids = seq.fed_ids
-        if seq.finish_reason in ("stop", "length") and self._prefix_cache.would_keep(len(ids)):
-            self._prefix_cache.insert(ids, seq.image_runs, get_kv())
-
-    def _fail_running(self, exc: Exception) -> None:
-        for seq in [*self._running, *self._joining]:
+    def _fail(self, seqs: list[_Sequence], exc: Exception) -> None:
+        for seq in seqs:
+            for group in (self._running, self._prefilling):
+                if seq in group:
+                    group.remove(seq)
+            try:
+                self._release(seq)
+            except Exception:
+                logger.exception("freeing the row of request %s failed", seq.request.request_id)
             self._finish(seq, "error", error=f"{type(exc).__name__}: {exc}")
-        self._running, self._joining = [], []
-        self._batch = BatchKV(self._num_layers, self.device)
+
+    def _fail_all(self, exc: Exception) -> None:
+        self._fail([*self._running, *self._prefilling], exc)

@@ -17,6 +17,7 @@ All three keep hit / miss / eviction counters; none of them is thread-safe (the 
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -116,8 +117,16 @@ class BufferedLayer(DynamicLayer):
         return self._k_buf.numel() * self._k_buf.element_size() + self._v_buf.numel() * self._v_buf.element_size()
 
 
-# Per-layer (keys, values), each [1, H, L, D]: the KV of one sequence outside any batch.
+# Per-layer (keys, values), each [1, H, L, D]: the KV of one sequence outside any batch (TransformersRunner's
+# format; LlamaRunner exports one (keys, values) pair of [layers, H, L, D]). The prefix cache stores either.
 SequenceKV = list[tuple[torch.Tensor, torch.Tensor]]
+
+
+def kv_nbytes(kv) -> int:
+    """Bytes of a runner's exported KV: nested tuples/lists of tensors."""
+    if isinstance(kv, torch.Tensor):
+        return kv.numel() * kv.element_size()
+    return sum(kv_nbytes(part) for part in kv)
 
 
 def new_cache(num_layers: int, prefix: SequenceKV | None = None, upto: int | None = None) -> Cache:
@@ -257,7 +266,7 @@ class PrefixMatch:
     length: int  # reusable positions: KV [:length] of the entry equals what the new sequence would compute
 
 
-def _common_prefix(a: tuple[int, ...], b: list[int]) -> int:
+def common_prefix(a: Sequence[int], b: list[int]) -> int:
     n = min(len(a), len(b))
     # compare in chunks first: long shared prefixes are the common case
     i, step = 0, 256
@@ -268,7 +277,7 @@ def _common_prefix(a: tuple[int, ...], b: list[int]) -> int:
     return i
 
 
-def _images_agree(length: int, entry_images: list[ImageRun], images: list[ImageRun]) -> int:
+def images_agree(length: int, entry_images: list[ImageRun], images: list[ImageRun]) -> int:
     """Shorten `length` to the start of the first image inside it whose content differs between the sequences."""
     for i, mine in enumerate(images):
         if mine.start >= length:
@@ -295,25 +304,35 @@ class PrefixCache:
 
     @property
     def nbytes(self) -> int:
-        return sum(k.numel() * k.element_size() * 2 for e in self._entries.values() for k, _ in e.kv)
+        return sum(kv_nbytes(e.kv) for e in self._entries.values())
 
-    def lookup(self, ids: list[int], images: list[ImageRun]) -> PrefixMatch | None:
-        """The longest reusable prefix for `ids`; always leaves at least one position to compute."""
-        if self.max_tokens <= 0:
-            return None
+    def lookup(self, ids: list[int], images: list[ImageRun], *, longer_than: int = 0,
+               count: bool = True) -> PrefixMatch | None:
+        """The longest reusable prefix for `ids` (longer than `longer_than`); always leaves at least one position
+        to compute. With count=False the caller records the outcome itself (`record`)."""
         best: tuple[int, int] | None = None
-        for key, entry in self._entries.items():
-            n = _common_prefix(entry.ids, ids)
-            n = _images_agree(min(n, len(ids) - 1), entry.images, images)
-            if n >= self.min_match and (best is None or n > best[1]):
-                best = (key, n)
+        if self.max_tokens > 0:
+            for key, entry in self._entries.items():
+                n = common_prefix(entry.ids, ids)
+                n = images_agree(min(n, len(ids) - 1), entry.images, images)
+                if n >= self.min_match and n > longer_than and (best is None or n > best[1]):
+                    best = (key, n)
         if best is None:
-            self.counters.misses += 1
+            if count:
+                self.record(0)
             return None
         self._entries.move_to_end(best[0])
-        self.counters.hits += 1
-        self.reused_tokens += best[1]
+        if count:
+            self.record(best[1])
         return PrefixMatch(self._entries[best[0]], best[1])
+
+    def record(self, reused: int) -> None:
+        """Count one lookup that reused `reused` positions (0 = a miss)."""
+        if reused:
+            self.counters.hits += 1
+            self.reused_tokens += reused
+        else:
+            self.counters.misses += 1
 
     def would_keep(self, num_tokens: int) -> bool:
         """Whether a sequence of this length is worth caching (long enough to match, small enough to fit)."""
@@ -339,7 +358,7 @@ class PrefixCache:
         # an entry that is a prefix of the new one (same images) can only ever match less than the new one
         for key, old in list(self._entries.items()):
             if old.num_tokens <= new.num_tokens and new.ids[: old.num_tokens] == old.ids:
-                if _images_agree(old.num_tokens, new.images, old.images) == old.num_tokens:
+                if images_agree(old.num_tokens, new.images, old.images) == old.num_tokens:
                     del self._entries[key]
                     self.num_tokens -= old.num_tokens
 

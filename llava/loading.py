@@ -12,6 +12,7 @@ The template comes from the checkpoint's own metadata, an explicit `template=`, 
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -22,11 +23,17 @@ from transformers.utils import cached_file
 
 import llava.projector  # noqa: F401  (registers llava_variant with the Auto classes)
 from llava.config import META_KEY, LlavaMeta
+from llava.hardware import resolve_dtype
+from llava.quant import QUANTIZATIONS, QuantizationError, quantize_llm
 from llava.images import ImageProcessing, ProcessedImage, load_image, preprocess
 from llava.templates import Rendered, Template, TemplateError, get_template, render
 
 HF_LLAVA_TYPES = ("llava", "llava_next", "llava_variant")
 QUANT_SKIP = ["model.vision_tower", "model.multi_modal_projector", "lm_head"]
+BNB_QUANTIZATIONS = ("8bit", "4bit")
+ALL_QUANTIZATIONS = ("auto", "none", *QUANTIZATIONS, *BNB_QUANTIZATIONS)
+
+logger = logging.getLogger(__name__)
 
 
 class LoadError(ValueError):
@@ -43,7 +50,10 @@ class LoadedModel:
     image_processing: ImageProcessing
     name: str
     path: str
-    extra: dict = field(default_factory=dict)
+    dtype: torch.dtype = torch.float32
+    quantization: str | None = None
+    precision_reason: str = ""  # why this dtype / quantization (auto choices say what they found)
+    quant_report: dict = field(default_factory=dict)
 
     @property
     def image_token_id(self) -> int:
@@ -90,7 +100,7 @@ def read_config(path: str) -> dict | None:
 
 
 def quantization_config(quantization: str | None, compute_dtype: torch.dtype):
-    if quantization is None:
+    if quantization is None or quantization in QUANTIZATIONS:
         return None
     if quantization == "8bit":
         return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=QUANT_SKIP)
@@ -99,7 +109,24 @@ def quantization_config(quantization: str | None, compute_dtype: torch.dtype):
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
             bnb_4bit_compute_dtype=compute_dtype, llm_int8_skip_modules=QUANT_SKIP,
         )
-    raise LoadError(f"unknown quantization {quantization!r}; valid: 8bit, 4bit")
+    raise LoadError(f"unknown quantization {quantization!r}; valid: {', '.join(ALL_QUANTIZATIONS)}")
+
+
+def resolve_quantization(quantization: str | None, device: str, meta: LlavaMeta | None) -> tuple[str | None, str]:
+    """The quantization to apply and why. `auto` serves on CPU the precision the checkpoint records as passing its
+    quality gate (`config.json["llava"]["cpu_quantization"]`, e.g. the default model's int4), else none."""
+    if quantization in (None, "none"):
+        return None, "none asked"
+    if quantization not in ALL_QUANTIZATIONS:
+        raise LoadError(f"unknown quantization {quantization!r}; valid: {', '.join(ALL_QUANTIZATIONS)}")
+    if quantization != "auto":
+        return quantization, "given"
+    if torch.device(device).type != "cpu":
+        return None, "auto: none off CPU (use --load-8bit / --load-4bit for bitsandbytes)"
+    recorded = meta.cpu_quantization if meta else None
+    if recorded:
+        return recorded, f"auto: the checkpoint records {recorded} as within its quality gate of float32"
+    return None, "auto: the checkpoint records no CPU quantization that passed a quality gate"
 
 
 def resolve_template(explicit: str | None, meta: LlavaMeta | None, path: str) -> Template:
@@ -184,10 +211,15 @@ def load_model(
     image_mode: str | None = None,
     quantization: str | None = None,
     device: str = "cpu",
-    dtype: torch.dtype | str | None = None,
+    dtype: torch.dtype | str | None = "auto",
     name: str | None = None,
 ) -> LoadedModel:
-    """Load a llava model for inference (eval mode)."""
+    """Load a llava model for inference (eval mode).
+
+    dtype: "auto" (default; see `llava.hardware.resolve_dtype`), a name or a torch dtype.
+    quantization: None / "none", "int8" / "int4" (CPU weight-only, `llava.quant`), "8bit" / "4bit" (bitsandbytes),
+    or "auto" (on CPU, what the checkpoint records as passing its quality gate).
+    """
     hf_path = resolve_path(path, model_base, template)
     config = read_config(hf_path) or {}
     meta = LlavaMeta(**config[META_KEY]) if META_KEY in config else None
@@ -196,10 +228,14 @@ def load_model(
     if image_mode and image_mode not in ("default", proc.mode):
         proc = ImageProcessing.from_dict({**proc.to_dict(), "mode": image_mode})
 
-    if isinstance(dtype, str):
-        dtype = getattr(torch, dtype)
-    if dtype is None:
-        dtype = torch.float16 if device.startswith("cuda") else torch.float32
+    try:
+        choice = resolve_dtype(dtype, device)
+    except ValueError as e:
+        raise LoadError(str(e)) from None
+    dtype = choice.value
+    quantization, quant_reason = resolve_quantization(quantization, device, meta)
+    if quantization in QUANTIZATIONS and torch.device(device).type != "cpu":
+        raise LoadError(f"{quantization} is a CPU format; on {device} use --load-8bit / --load-4bit (bitsandbytes)")
     kwargs: dict[str, Any] = dict(dtype=dtype, trust_remote_code=False)
     qconf = quantization_config(quantization, dtype)
     if qconf is not None:
@@ -214,7 +250,16 @@ def load_model(
             f"{path}: tokenizer image token id {getattr(tokenizer, 'image_token_id', None)} != model image_token_id "
             f"{model.config.image_token_id}"
         )
+    report = {}
+    if quantization in QUANTIZATIONS:
+        try:
+            report = quantize_llm(model, quantization, compute_dtype=dtype)
+        except QuantizationError as e:
+            raise LoadError(f"{path}: {e}") from None
+    reason = f"dtype {str(dtype).removeprefix('torch.')} ({choice.reason}); quantization {quantization or 'none'} ({quant_reason})"
+    logger.info("%s: %s", path, reason)
     return LoadedModel(
         model=model.eval(), tokenizer=tokenizer, template=tmpl, image_processing=proc,
-        name=name or Path(path.rstrip("/")).name or path, path=hf_path,
+        name=name or Path(path.rstrip("/")).name or path, path=hf_path, dtype=dtype, quantization=quantization,
+        precision_reason=reason, quant_report=report,
     )

