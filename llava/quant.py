@@ -44,6 +44,7 @@ class QuantLinear(nn.Module):
 
     in_features: int
     out_features: int
+    ROWS_PER_ENTRY: dict[str, int] = {}  # buffers indexed by output rows: how many rows one dim-0 entry covers
 
     def __init__(self, in_features: int, out_features: int, bias: torch.Tensor | None, compute_dtype: torch.dtype):
         super().__init__()
@@ -86,8 +87,11 @@ class QuantLinear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, dense_copy={self.dense is not None}"
 
 
-def _int4_codes(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Packed codes [N, K/2] and fp16 scales and zeros [N, 2, K/32] of w [N, K] (min/max per group of 32)."""
+ROW_BLOCK = 16  # rows per block of the repacked int4 layout (llava/kernels/cpu.c)
+
+
+def _int4_quantize(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """codes [N, K] uint8 (0..15), scales and zeros [N, K/32] fp16 of w [N, K] (min/max per group of 32)."""
     n, k = w.shape
     g = w.float().reshape(n, k // GROUP, GROUP)
     lo, hi = g.amin(-1), g.amax(-1)
@@ -95,16 +99,41 @@ def _int4_codes(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     zero = lo.half()
     # codes from the fp16-rounded scale and zero, so dequantization reproduces exactly what was chosen
     codes = ((g - zero.float()[..., None]) / scale.float()[..., None]).round().clamp(0, 15).to(torch.uint8)
-    packed = (codes[..., :16] | (codes[..., 16:] << 4)).reshape(n, k // 2).contiguous()
-    return packed, torch.stack([scale, zero], 1).contiguous()
+    return codes.reshape(n, k), scale, zero
 
 
-def _dequant4(packed: torch.Tensor, scales_zeros: torch.Tensor) -> torch.Tensor:
-    n, half = packed.shape
-    p = packed.reshape(n, half // 16, 16)
-    codes = torch.cat([p & 15, p >> 4], dim=-1).float()
-    sz = scales_zeros.float()
-    return (codes * sz[:, 0, :, None] + sz[:, 1, :, None]).reshape(n, half * 2)
+def _dequant_codes(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
+    n, k = codes.shape
+    g = codes.float().reshape(n, k // GROUP, GROUP)
+    return (g * scale.float()[..., None] + zero.float()[..., None]).reshape(n, k)
+
+
+def _blocks(n: int) -> int:
+    return -(-n // ROW_BLOCK)
+
+
+def _repack(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The kernel's layout: packed [NB, G, 4, 64] uint8 and scales_zeros [NB, G, 2, 16] fp16 (zero rows pad N)."""
+    n, k = codes.shape
+    nb, g = _blocks(n), k // GROUP
+    pad = nb * ROW_BLOCK - n
+    if pad:
+        codes = F.pad(codes, (0, 0, 0, pad))
+        scale, zero = F.pad(scale, (0, 0, 0, pad)), F.pad(zero, (0, 0, 0, pad))
+    c = codes.reshape(nb, ROW_BLOCK, g, 4, 2, 4).permute(0, 2, 3, 1, 5, 4)  # [b, g, quad, row, i, lo/hi]
+    packed = (c[..., 0] | (c[..., 1] << 4)).reshape(nb, g, 4, 64).contiguous()
+    sz = torch.stack([scale, zero], 1).reshape(nb, ROW_BLOCK, 2, g).permute(0, 3, 2, 1).contiguous()
+    return packed, sz
+
+
+def _unpack(packed: torch.Tensor, sz: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Inverse of `_repack`: codes [n, K], scales and zeros [n, K/32]."""
+    nb, g = packed.shape[:2]
+    p = packed.reshape(nb, g, 4, ROW_BLOCK, 4)
+    c = torch.stack([p & 15, p >> 4], -1)  # [b, g, quad, row, i, lo/hi]
+    codes = c.permute(0, 3, 1, 2, 5, 4).reshape(nb * ROW_BLOCK, g * GROUP)[:n]
+    s = sz.permute(0, 3, 2, 1).reshape(nb * ROW_BLOCK, 2, g)[:n]
+    return codes, s[:, 0], s[:, 1]
 
 
 def _low_rank(r: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -113,23 +142,32 @@ def _low_rank(r: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
     return (u[:, :rank] * s[:rank]).contiguous(), vh[:rank].contiguous()
 
 
+def _block_rows(u: torch.Tensor) -> torch.Tensor:
+    """u [N, R] -> [NB, R, 16]: the low-rank output side transposed per row block (zero rows pad N)."""
+    n, r = u.shape
+    nb = _blocks(n)
+    return F.pad(u, (0, 0, 0, nb * ROW_BLOCK - n)).reshape(nb, ROW_BLOCK, r).transpose(1, 2).contiguous()
+
+
 class Int4Linear(QuantLinear):
-    """4-bit codes, groups of 32 along K, fp16 (scale, zero) per group (layout: llava/kernels/cpu.c), plus an
-    optional low-rank float correction u @ v of what 4 bits cannot hold.
+    """4-bit codes, groups of 32 along K, an fp16 scale and zero per group, rows repacked in blocks of 16
+    (layout: llava/kernels/cpu.c), plus an optional low-rank float correction u @ v of what 4 bits cannot hold.
 
     Why the correction: a fine-tuned model's weights are often a base plus a small low-rank update (LoRA merged).
     Rounding to 4 bits is noise of about a quarter of a group's range and erases such an update: the default model
     answered 26 % of easy-VQA questions right in plain int4 (99.8 % in float32). Splitting W = L + Q, with L the
     best rank-r approximation of what Q misses (two alternations), keeps the update at r * (N + K) extra floats."""
 
-    def __init__(self, packed: torch.Tensor, scales_zeros: torch.Tensor, bias: torch.Tensor | None,
-                 compute_dtype: torch.dtype, lr_u: torch.Tensor | None = None, lr_v: torch.Tensor | None = None,
-                 part_ends: torch.Tensor | None = None):
-        out_features, half = packed.shape
-        super().__init__(half * 2, out_features, bias, compute_dtype)
-        self.register_buffer("packed", packed, persistent=False)  # [N, K/2] uint8
-        self.register_buffer("scales_zeros", scales_zeros, persistent=False)  # [N, 2, K/32] float16
-        self.register_buffer("lr_u", lr_u, persistent=False)  # [N, r] float32 or None
+    # entries of dim 0 of each row-indexed buffer cover this many rows (fusing stacks them, llava.runner)
+    ROWS_PER_ENTRY = {"packed": ROW_BLOCK, "scales_zeros": ROW_BLOCK, "lr_u": ROW_BLOCK}
+
+    def __init__(self, packed: torch.Tensor, scales_zeros: torch.Tensor, out_features: int,
+                 bias: torch.Tensor | None, compute_dtype: torch.dtype, lr_u: torch.Tensor | None = None,
+                 lr_v: torch.Tensor | None = None, part_ends: torch.Tensor | None = None):
+        super().__init__(packed.shape[1] * GROUP, out_features, bias, compute_dtype)
+        self.register_buffer("packed", packed, persistent=False)  # [NB, G, 4, 64] uint8
+        self.register_buffer("scales_zeros", scales_zeros, persistent=False)  # [NB, G, 2, 16] float16
+        self.register_buffer("lr_u", lr_u, persistent=False)  # [NB, r, 16] float32 or None
         self.register_buffer("lr_v", lr_v, persistent=False)  # [P r, K] float32 or None (P stacked parts)
         # row ends of the P parts when several linears were fused (llava.runner); None = one part
         self.part_ends = part_ends
@@ -144,34 +182,54 @@ class Int4Linear(QuantLinear):
         rank = min(rank, n, k)
         low = None
         for _ in range(alternations if rank else 0):
-            packed, sz = _int4_codes(w if low is None else w - low[0] @ low[1])
-            residual = w - _dequant4(packed, sz)
+            target = w if low is None else w - low[0] @ low[1]
+            residual = w - _dequant_codes(*_int4_quantize(target))
             low = _low_rank(residual, rank)
             if low[0].norm() ** 2 < LOW_RANK_MIN_ENERGY * residual.norm() ** 2:
                 low = None  # noise-like residual (e.g. an untuned embedding used as LM head): nothing to keep
                 break
-        packed, sz = _int4_codes(w if low is None else w - low[0] @ low[1])
-        return cls(packed, sz, bias, compute_dtype, *(low or (None, None)))
+        codes, scale, zero = _int4_quantize(w if low is None else w - low[0] @ low[1])
+        packed, sz = _repack(codes, scale, zero)
+        if low is None:
+            return cls(packed, sz, n, bias, compute_dtype)
+        return cls(packed, sz, n, bias, compute_dtype, _block_rows(low[0]), low[1])
 
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
-        w = _dequant4(self.packed, self.scales_zeros)
+        w = _dequant_codes(*_unpack(self.packed, self.scales_zeros, self.out_features))
         if self.lr_u is not None:
+            nb, r, _ = self.lr_u.shape
+            u = self.lr_u.transpose(1, 2).reshape(nb * ROW_BLOCK, r)[: self.out_features]
             ends = [self.out_features] if self.part_ends is None else self.part_ends.tolist()
-            r, start = self.lr_u.shape[1], 0
+            start = 0
             for p, end in enumerate(ends):
-                w[start:end] += self.lr_u[start:end] @ self.lr_v[p * r : (p + 1) * r]
+                w[start:end] += u[start:end] @ self.lr_v[p * r : (p + 1) * r]
                 start = end
         return w.to(dtype or self.compute_dtype)
 
+    def matrix(self) -> kernels.Q4Matrix:
+        """The kernels' view of this matrix (rebuilt when the buffers were re-pointed, see llava.runner)."""
+        key = (self.packed.data_ptr(), self.scales_zeros.data_ptr())
+        if getattr(self, "_matrix_key", None) != key:
+            self._matrix = kernels.Q4Matrix.of(self.packed, self.scales_zeros, self.out_features, self.bias,
+                                               self.lr_u, self.lr_v, self.part_ends)
+            self._matrix_key, self._scratch = key, {}
+        return self._matrix
+
     def small(self, x: torch.Tensor) -> torch.Tensor:
         if kernels.available() and x.device.type == "cpu":
-            return kernels.q4_gemm(x if x.dtype == torch.float32 and x.is_contiguous() else x.float().contiguous(),
-                                   self.packed, self.scales_zeros, self.bias, self.lr_u, self.lr_v, self.part_ends)
+            matrix = self.matrix()
+            rows = x.shape[0]
+            if rows not in self._scratch:
+                self._scratch[rows] = matrix.scratch(rows)
+            x = x if x.dtype == torch.float32 and x.is_contiguous() else x.float().contiguous()
+            return kernels.q4_gemm(x, matrix, self._scratch[rows])
         return self.large(x).float()
 
 
 class Int8Linear(QuantLinear):
     """Per-output-channel symmetric int8 codes; few-row products through PyTorch's `_weight_int8pack_mm` (bf16)."""
+
+    ROWS_PER_ENTRY = {"codes_": 1, "scales": 1}
 
     def __init__(self, codes: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None,
                  compute_dtype: torch.dtype):

@@ -21,6 +21,7 @@ Promises:
 
 from __future__ import annotations
 
+import ctypes
 from dataclasses import dataclass
 
 import torch
@@ -29,7 +30,7 @@ from torch import nn
 from transformers.activations import ACT2FN
 
 from llava import kernels
-from llava.quant import QuantLinear
+from llava.quant import Int4Linear, QuantLinear
 
 SUPPORTED_TYPES = ("llama", "mistral", "qwen2")
 STATIC_ROPE = ("default", "linear", "llama3", "yarn")
@@ -58,7 +59,7 @@ def _fuse(modules: list[nn.Module]):
         raise TypeError(f"cannot fuse linears of different kinds: {sorted(k.__name__ for k in kinds)}")
     first = modules[0]
     if isinstance(first, QuantLinear):
-        return _fuse_quantized(modules)
+        return _fuse_quantized(modules) if _fusable(modules) else _Stacked(modules)
     weight = torch.cat([m.weight.detach() for m in modules])
     biases = [m.bias for m in modules]
     bias = None if all(b is None for b in biases) else torch.cat(
@@ -77,20 +78,25 @@ def _repoint(modules, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
         start += n
 
 
+def _fusable(modules: list[QuantLinear]) -> bool:
+    """Stacked parts must each fill whole row blocks of every row-indexed buffer."""
+    return all(m.out_features % rows == 0 for m in modules for rows in m.ROWS_PER_ENTRY.values())
+
+
 def _fuse_quantized(modules: list[QuantLinear]) -> QuantLinear:
     cls = type(modules[0])
     low_rank = ("lr_u", "lr_v")
-    names = [name for name, _ in modules[0].named_buffers() if name not in ("bias", *low_rank)]
+    names = [name for name in cls.ROWS_PER_ENTRY if name not in low_rank]
     fused_buffers = {name: torch.cat([getattr(m, name) for m in modules]) for name in names}
     biases = [m.bias for m in modules]
     bias = None if all(b is None for b in biases) else torch.cat(
         [b if b is not None else torch.zeros(m.out_features) for m, b in zip(modules, biases)])
     part_ends = None
     if any(getattr(m, "lr_u", None) is not None for m in modules):
-        # the parts' corrections u_i @ v_i: u stacked [N, r], v stacked [P r, K]; row n uses its part's v
+        # the parts' corrections u_i @ v_i: u stacked by row blocks [NB, r, 16], v stacked [P r, K]
         r = max(m.lr_u.shape[1] for m in modules if m.lr_u is not None)
-        us = [F.pad(m.lr_u, (0, r - m.lr_u.shape[1])) if m.lr_u is not None else torch.zeros(m.out_features, r)
-              for m in modules]
+        us = [F.pad(m.lr_u, (0, 0, 0, r - m.lr_u.shape[1])) if m.lr_u is not None
+              else torch.zeros(m.out_features // 16, r, 16) for m in modules]
         vs = [F.pad(m.lr_v, (0, 0, 0, r - m.lr_v.shape[0])) if m.lr_v is not None else torch.zeros(r, m.in_features)
               for m in modules]
         fused_buffers["lr_u"] = torch.cat(us).contiguous()
@@ -99,7 +105,7 @@ def _fuse_quantized(modules: list[QuantLinear]) -> QuantLinear:
     fused = cls.__new__(cls)
     QuantLinear.__init__(fused, modules[0].in_features, sum(m.out_features for m in modules), bias,
                          modules[0].compute_dtype)
-    for name in ("lr_u", "lr_v"):
+    for name in low_rank:
         if hasattr(modules[0], name):
             fused.register_buffer(name, None, persistent=False)
     for name, value in fused_buffers.items():
@@ -114,10 +120,11 @@ def _fuse_quantized(modules: list[QuantLinear]) -> QuantLinear:
     for p, m in enumerate(modules):  # the modules now read slices of the fused storage
         n = m.out_features
         for name in names:
-            setattr(m, name, fused_buffers[name][start : start + n])
+            rows = cls.ROWS_PER_ENTRY[name]
+            setattr(m, name, fused_buffers[name][start // rows : (start + n) // rows])
         if "lr_u" in fused_buffers:
-            r = fused_buffers["lr_u"].shape[1]
-            m.lr_u = fused_buffers["lr_u"][start : start + n]
+            r = fused_buffers["lr_v"].shape[0] // len(modules)
+            m.lr_u = fused_buffers["lr_u"][start // 16 : (start + n) // 16]
             m.lr_v = fused_buffers["lr_v"][p * r : (p + 1) * r]
         if m.dense is not None and fused.dense is not None:
             m.dense = fused.dense[start : start + n]
@@ -127,6 +134,19 @@ def _fuse_quantized(modules: list[QuantLinear]) -> QuantLinear:
             m._scales_bf16 = fused._scales_bf16[start : start + n]
         start += n
     return fused
+
+
+class _Stacked:
+    """Linears sharing an input that cannot be stored as one (their row counts do not fill whole blocks)."""
+
+    def __init__(self, parts):
+        self.parts = parts
+
+    def small(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([p.small(x) for p in self.parts], dim=-1)
+
+    def large(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([p.large(x) for p in self.parts], dim=-1)
 
 
 def _linear(module: nn.Module):
@@ -214,9 +234,12 @@ class LlamaRunner:
                 mlp_norm_w=layer.post_attention_layernorm.weight.detach().float().contiguous(),
             ))
         self.final_norm_w = self.norm.weight.detach().float().contiguous()
-        # decode through the fused CPU kernels when they are built and the KV dtype is one they read
+        # decode through the fused CPU kernels when they are built and the KV dtype is one they read; int4 models
+        # with SiLU run each decoder layer as one kernel call
         self.fused = (self.device.type == "cpu" and kernels.available()
                       and self.kv_dtype in (torch.float32, torch.bfloat16))
+        self._q4_layers = self._int4_layers(cfg) if self.fused else None
+        self._buffers: dict[int, dict[str, torch.Tensor]] = {}
         self.intermediate = cfg.intermediate_size
         self.lm_head = _linear(model.get_output_embeddings())
         self.vocab_limit = vocab_limit
@@ -230,6 +253,15 @@ class LlamaRunner:
         self._lengths: list[int] = []
         self._ready = 0  # rows [0, ready) decode; rows [ready, len) are still being prefilled
         self._cos = self._sin = None
+
+    def _int4_layers(self, cfg) -> list | None:
+        if cfg.hidden_act != "silu":
+            return None
+        parts = [(l.qkv, l.o, l.gate_up, l.down) for l in self.layers]
+        if not all(isinstance(m, Int4Linear) for group in parts for m in group):
+            return None
+        return [kernels.Q4Layer.of(*(m.matrix() for m in group), l.attn_norm_w, l.mlp_norm_w)
+                for group, l in zip(parts, self.layers)]
 
     # ------------------------------------------------------------------------------------------------ rows
 
@@ -433,13 +465,57 @@ class LlamaRunner:
         pos = torch.tensor(lengths, device=self.device)
         cos_t, sin_t = self._rope_tables(longest)
         tokens_t = torch.tensor(by_row, device=self.device)
-        if self.fused:
+        if self._q4_layers is not None:
+            logits = self._decode_int4(tokens_t, pos, cos_t[pos].contiguous(), sin_t[pos].contiguous())
+        elif self.fused:
             logits = self._decode_fused(tokens_t, pos, cos_t[pos], sin_t[pos])
         else:
             logits = self._decode_torch(tokens_t, pos, cos_t, sin_t, lengths)
         for r in range(b):
             self._lengths[r] += 1
         return logits[torch.tensor(rows, device=self.device)] if rows != list(range(b)) else logits
+
+    def _step_buffers(self, b: int) -> dict[str, torch.Tensor]:
+        bufs = self._buffers.get(b)
+        if bufs is None:
+            hd, nq, nkv, f32 = self.head_dim, self.heads, self.kv_heads, torch.float32
+            ws = max((m.scratch(b).numel() for layer in self._q4_layers for m in (layer.qkv, layer.o, layer.gate_up,
+                                                                                     layer.down)), default=0)
+            bufs = self._buffers[b] = {
+                "h": torch.empty(b, self.hidden, dtype=f32), "qkv": torch.empty(b, (nq + 2 * nkv) * hd, dtype=f32),
+                "att": torch.empty(b, nq * hd, dtype=f32), "gu": torch.empty(b, 2 * self.intermediate, dtype=f32),
+                "act": torch.empty(b, self.intermediate, dtype=f32), "ws": torch.empty(ws, dtype=torch.uint8),
+                "scores": torch.empty(torch.get_num_threads() * self.context_length, dtype=f32),
+            }
+        return bufs
+
+    def _decode_int4(self, tokens: torch.Tensor, pos: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+        """Each decoder layer is one `llava_q4_decode_layer` call (see llava/kernels/cpu.c)."""
+        lib = kernels.library()
+        b, hd, nq, nkv, hidden = tokens.shape[0], self.head_dim, self.heads, self.kv_heads, self.hidden
+        bufs = self._step_buffers(b)
+        x = self.embed(tokens).float().contiguous()  # [B, hidden]: the residual stream, updated in place
+        threads = torch.get_num_threads()
+        if bufs["scores"].numel() < threads * self.context_length:
+            bufs["scores"] = torch.empty(threads * self.context_length, dtype=torch.float32)
+        k_all, v_all = self._k, self._v
+        layer_bytes = k_all.stride(0) * k_all.element_size()
+        kv_bf16 = int(self.kv_dtype == torch.bfloat16)
+        ptr = {name: t.data_ptr() for name, t in bufs.items()}
+        isa = kernels.isa()
+        for li, layer in enumerate(self._q4_layers):
+            lib.llava_q4_decode_layer(
+                ctypes.byref(layer), x.data_ptr(), b, hidden, nq, nkv, hd, self.intermediate, self.eps,
+                cos.data_ptr(), sin.data_ptr(), pos.data_ptr(), k_all.data_ptr() + li * layer_bytes,
+                v_all.data_ptr() + li * layer_bytes, kv_bf16, k_all.stride(1), k_all.stride(2), ptr["h"],
+                ptr["qkv"], ptr["att"], ptr["gu"], ptr["act"], ptr["ws"], ptr["scores"], self.context_length, isa,
+                threads)
+        h = bufs["h"]
+        lib.llava_add_rmsnorm(x.data_ptr(), None, self.final_norm_w.data_ptr(), h.data_ptr(), b, hidden, self.eps)
+        logits = self.lm_head.small(h).float()
+        logits[:, self.vocab_limit :] = float("-inf")
+        logits[:, self.image_token_id] = float("-inf")
+        return logits
 
     def _decode_fused(self, tokens: torch.Tensor, pos: torch.Tensor, cos: torch.Tensor,
                       sin: torch.Tensor) -> torch.Tensor:
@@ -476,7 +552,8 @@ class LlamaRunner:
             if rc != 0:
                 raise MemoryError("decode attention could not allocate its scratch")
             o = layer.o.small(att)
-            lib.llava_add_rmsnorm(x.data_ptr(), o.float().data_ptr(), layer.mlp_norm_w.data_ptr(), h.data_ptr(), b,
+            o = o if o.dtype == torch.float32 else o.float()  # kept referenced until the call returns
+            lib.llava_add_rmsnorm(x.data_ptr(), o.data_ptr(), layer.mlp_norm_w.data_ptr(), h.data_ptr(), b,
                                   hidden, self.eps)
             gu = layer.gate_up.small(h)
             down = layer.down.small(self.act(gu[:, :inter]) * gu[:, inter:])

@@ -73,7 +73,9 @@ def _library() -> ctypes.CDLL | None:
         return None
     P, I64, I, F = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_float
     signatures = {
-        "llava_q4_gemm": ([P] * 6 + [I64, P, I64, P] + [I64] * 3 + [I, I], I),
+        "llava_q4_gemm": ([P] * 5 + [I64, P, I64, P, P] + [I64] * 3 + [P, I, I], None),
+        "llava_q4_scratch_bytes": ([I64] * 3, I64),
+        "llava_q4_decode_layer": ([P, P] + [I64] * 6 + [F, P, P, P, P, P, I, I64, I64] + [P] * 7 + [I64, I, I], None),
         "llava_add_rmsnorm": ([P] * 4 + [I64] * 2 + [F], None),
         "llava_rope": ([P] * 3 + [I64] * 4, None),
         "llava_decode_attention": ([P, I64, P, P, I64, P, P, I, I64, I64, P, P] + [I64] * 4 + [F, I], I),
@@ -107,24 +109,56 @@ def library() -> ctypes.CDLL:
     return lib
 
 
-def q4_gemm(x: torch.Tensor, packed: torch.Tensor, scales_zeros: torch.Tensor, bias: torch.Tensor | None = None,
-            lr_u: torch.Tensor | None = None, lr_v: torch.Tensor | None = None,
-            part_ends: torch.Tensor | None = None) -> torch.Tensor:
-    """x [M, K] float32 contiguous, packed [N, K/2] uint8, scales_zeros [N, 2, K/32] float16, optional bias [N] and
-    low-rank correction (float32, contiguous): lr_u [N, R], lr_v [P R, K] for P stacked parts whose rows end at
-    part_ends (int64 [P]; default one part) -> [M, N] float32."""
+class Q4Matrix(ctypes.Structure):
+    """What the kernels read of one int4 matrix (cpu.c's q4_matrix); holds its tensors alive."""
+
+    _fields_ = [("w", ctypes.c_void_p), ("sz", ctypes.c_void_p), ("bias", ctypes.c_void_p), ("lu", ctypes.c_void_p),
+                ("lv", ctypes.c_void_p), ("part_end", ctypes.c_void_p), ("R", ctypes.c_int64),
+                ("P", ctypes.c_int64), ("N", ctypes.c_int64), ("K", ctypes.c_int64)]
+
+    @classmethod
+    def of(cls, packed: torch.Tensor, scales_zeros: torch.Tensor, n: int, bias: torch.Tensor | None = None,
+           lr_u: torch.Tensor | None = None, lr_v: torch.Tensor | None = None,
+           part_ends: torch.Tensor | None = None) -> Q4Matrix:
+        """packed [NB, G, 4, 64] uint8, scales_zeros [NB, G, 2, 16] float16 (cpu.c's layout) for n rows; bias [n],
+        low-rank lr_u [NB, R, 16], lr_v [P R, K] float32 for P parts ending at part_ends (int64 [P])."""
+        tensors = [packed, scales_zeros, bias, lr_u, lr_v, part_ends]
+        for t in tensors:
+            if t is not None and not t.is_contiguous():
+                raise ValueError("int4 kernel inputs must be contiguous")
+        ptr = [0 if t is None else t.data_ptr() for t in tensors]
+        m = cls(*ptr, 0 if lr_u is None else lr_u.shape[1], 1 if part_ends is None else part_ends.numel(), n,
+                packed.shape[1] * GROUP)
+        m._keep = tensors
+        return m
+
+    def scratch(self, rows: int) -> torch.Tensor:
+        """A scratch buffer for `rows` input rows."""
+        nbytes = library().llava_q4_scratch_bytes(rows, self.K, self.P * self.R if self.R else 0)
+        return torch.empty(nbytes, dtype=torch.uint8)
+
+
+class Q4Layer(ctypes.Structure):
+    """A decoder layer of int4 matrices and float32 norm weights (cpu.c's q4_layer)."""
+
+    _fields_ = [("qkv", Q4Matrix), ("o", Q4Matrix), ("gate_up", Q4Matrix), ("down", Q4Matrix),
+                ("attn_norm", ctypes.c_void_p), ("mlp_norm", ctypes.c_void_p)]
+
+    @classmethod
+    def of(cls, qkv: Q4Matrix, o: Q4Matrix, gate_up: Q4Matrix, down: Q4Matrix, attn_norm: torch.Tensor,
+           mlp_norm: torch.Tensor) -> Q4Layer:
+        layer = cls(qkv, o, gate_up, down, attn_norm.data_ptr(), mlp_norm.data_ptr())
+        layer._keep = [qkv, o, gate_up, down, attn_norm, mlp_norm]
+        return layer
+
+
+def q4_gemm(x: torch.Tensor, matrix: Q4Matrix, scratch: torch.Tensor | None = None) -> torch.Tensor:
+    """x [M, K] float32 contiguous @ the int4 matrix^T -> [M, N] float32."""
     lib = library()
-    m, k = x.shape
-    n = packed.shape[0]
-    y = torch.empty((m, n), dtype=torch.float32)
-    rank = 0 if lr_u is None else lr_u.shape[1]
-    parts = 1 if part_ends is None else part_ends.numel()
-    rc = lib.llava_q4_gemm(
-        x.data_ptr(), packed.data_ptr(), scales_zeros.data_ptr(), 0 if bias is None else bias.data_ptr(),
-        0 if lr_u is None else lr_u.data_ptr(), 0 if lr_v is None else lr_v.data_ptr(), rank,
-        0 if part_ends is None else part_ends.data_ptr(), parts, y.data_ptr(), m, n, k, isa(),
-        torch.get_num_threads(),
-    )
-    if rc != 0:
-        raise MemoryError(f"int4 kernel could not allocate scratch for a [{m}, {k}] input")
+    m = x.shape[0]
+    y = torch.empty((m, matrix.N), dtype=torch.float32)
+    ws = matrix.scratch(m) if scratch is None else scratch
+    lib.llava_q4_gemm(matrix.w, matrix.sz, matrix.bias, matrix.lu, matrix.lv, matrix.R, matrix.part_end, matrix.P,
+                      x.data_ptr(), y.data_ptr(), m, matrix.N, matrix.K, ws.data_ptr(), isa(),
+                      torch.get_num_threads())
     return y
