@@ -355,8 +355,8 @@ class LlamaRunner:
             return
         cur_rows, cur_pos = (0, 0) if self._k is None else (self._k.shape[1], self._k.shape[3])
         new_rows = max(rows, min(self.max_rows, max(1, 2 * cur_rows))) if rows > cur_rows else cur_rows
-        new_pos = positions if positions <= cur_pos else max(positions, cur_pos + cur_pos // 2)
-        new_pos = min(self.context_length, -(-new_pos // _T_ALIGN) * _T_ALIGN)
+        new_pos = max(positions, cur_pos + cur_pos // 2) if positions > cur_pos else cur_pos
+        new_pos = max(cur_pos, min(self.context_length, -(-new_pos // _T_ALIGN) * _T_ALIGN))
         shape = (self.num_layers, new_rows, self.kv_heads, new_pos, self.head_dim)
         k = torch.zeros(shape, dtype=self.kv_dtype, device=self.device)
         v = torch.zeros(shape, dtype=self.kv_dtype, device=self.device)

@@ -125,7 +125,7 @@ def test_bad_specs_name_the_cause(tmp_path):
 
 def test_quantized_8bit_loads_and_runs(tmp_path):
     pytest.importorskip("bitsandbytes")
-    lm = load_model(str(make_tiny_llava(tmp_path)), quantization="8bit")
+    lm = load_model(str(make_tiny_llava(tmp_path)), quantization="8bit", dtype="float32")
     assert type(lm.model.model.language_model.layers[0].mlp.down_proj).__name__ == "Linear8bitLt"
     # vision tower and projector stay in float (llm_int8_skip_modules)
     assert lm.model.model.multi_modal_projector.linear_1.weight.dtype == torch.float32

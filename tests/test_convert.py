@@ -77,8 +77,8 @@ def test_original_checkpoint_converts_to_the_same_function(tmp_path, weights_for
     monkeypatch.setenv("LLAVA_CACHE", str(tmp_path / "cache"))
     path, vision, _, llm, projector = _original_checkpoint(tmp_path, weights_format=weights_format)
     with pytest.raises(ConversionError, match="template"):
-        load_model(str(path))
-    lm = load_model(str(path), template="vicuna_v1")
+        load_model(str(path), dtype="float32")
+    lm = load_model(str(path), template="vicuna_v1", dtype="float32")
     assert lm.template.name == "vicuna_v1" and lm.image_processing.mode == "pad"
     image = Image.new("RGB", (24, 16), (200, 30, 30))
     ids, processed, logits = _run(lm, image)
@@ -88,15 +88,15 @@ def test_original_checkpoint_converts_to_the_same_function(tmp_path, weights_for
     # The converted vocabulary gained <image>/<pad> rows; the original's logits are the first columns.
     torch.testing.assert_close(logits[..., : ref.shape[-1]], ref, rtol=1e-4, atol=1e-4)
     # Converted once, then reused from the cache.
-    assert load_model(str(path), template="vicuna_v1").path == lm.path
+    assert load_model(str(path), template="vicuna_v1", dtype="float32").path == lm.path
 
 
 def test_projector_only_plus_base(tmp_path, monkeypatch):
     monkeypatch.setenv("LLAVA_CACHE", str(tmp_path / "cache"))
     path, vision, llm_dir, llm, projector = _original_checkpoint(tmp_path, projector_only=True)
     with pytest.raises(ConversionError, match="model_base"):
-        load_model(str(path), template="vicuna_v1")
-    lm = load_model(str(path), model_base=str(llm_dir), template="vicuna_v1")
+        load_model(str(path), template="vicuna_v1", dtype="float32")
+    lm = load_model(str(path), model_base=str(llm_dir), template="vicuna_v1", dtype="float32")
     torch.testing.assert_close(lm.model.model.multi_modal_projector.linear_2.weight, projector["model.mm_projector.2.weight"])
     ids, processed, logits = _run(lm, Image.new("RGB", (16, 16), (0, 90, 200)))
     positions = (ids[0] == lm.image_token_id).nonzero().flatten()
@@ -115,7 +115,7 @@ def test_original_lora_plus_base_merges(tmp_path, monkeypatch):
     save_file({f"base_model.model.{k}": v for k, v in projector.items()}, adapter / "non_lora_trainables.safetensors")
     merged_llm = peft_model.merge_and_unload()
 
-    lm = load_model(str(adapter), model_base=str(llm_dir), template="vicuna_v1")
+    lm = load_model(str(adapter), model_base=str(llm_dir), template="vicuna_v1", dtype="float32")
     q = lm.model.model.language_model.layers[0].self_attn.q_proj.weight
     torch.testing.assert_close(q, merged_llm.model.layers[0].self_attn.q_proj.weight)
     ids, processed, logits = _run(lm, Image.new("RGB", (16, 16), (10, 200, 10)))
@@ -127,7 +127,7 @@ def test_original_lora_plus_base_merges(tmp_path, monkeypatch):
 def test_our_lora_adapter_plus_base(tmp_path, monkeypatch):
     monkeypatch.setenv("LLAVA_CACHE", str(tmp_path / "cache"))
     base = make_tiny_llava(tmp_path)
-    base_lm = load_model(str(base))
+    base_lm = load_model(str(base), dtype="float32")
     torch.manual_seed(3)
     config = LoraConfig(r=4, lora_alpha=8, init_lora_weights=False,
                         target_modules=r".*language_model.*\.(q_proj|v_proj)", modules_to_save=["multi_modal_projector"])
@@ -140,8 +140,8 @@ def test_our_lora_adapter_plus_base(tmp_path, monkeypatch):
     peft_model.save_pretrained(tmp_path / "adapter")
 
     with pytest.raises(LoadError, match="model_base"):
-        load_model(str(tmp_path / "adapter"))
-    lm = load_model(str(tmp_path / "adapter"), model_base=str(base))
+        load_model(str(tmp_path / "adapter"), dtype="float32")
+    lm = load_model(str(tmp_path / "adapter"), model_base=str(base), dtype="float32")
     _, _, logits = _run(lm, image)
     torch.testing.assert_close(logits, expected, rtol=1e-4, atol=1e-4)
 

@@ -19,6 +19,7 @@ from safetensors.torch import load_file
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from llava import parts  # noqa: E402
+from llava.buildcache import build_once  # noqa: E402
 from llava.parts import (  # noqa: E402
     SHIPPED_LLM,
     SHIPPED_VISION,
@@ -72,7 +73,7 @@ def test_failed_build_leaves_nothing_behind(tmp_path):
         raise ValueError("converter crashed")
 
     with pytest.raises(ValueError, match="converter crashed"):
-        parts._build_once(target, broken)
+        build_once(target, broken)
     assert _siblings(target) == []
 
 
@@ -80,7 +81,7 @@ def test_stale_temp_folder_is_cleaned_and_build_is_whole(tmp_path):
     target = tmp_path / "part"
     stale = tmp_path / ".part.tmp-99999-deadbeef"
     stale.mkdir()
-    parts._build_once(target, lambda out: (out / "weights.bin").write_bytes(b"ok"))
+    build_once(target, lambda out: (out / "weights.bin").write_bytes(b"ok"))
     assert _siblings(target) == ["part"]
     assert (target / "weights.bin").read_bytes() == b"ok"
 
@@ -94,7 +95,7 @@ def test_concurrent_starters_build_once(tmp_path):
         time.sleep(0.3)
         (out / "weights.bin").write_bytes(b"ok")
 
-    threads = [threading.Thread(target=lambda: results.append(parts._build_once(target, slow_build))) for _ in range(4)]
+    threads = [threading.Thread(target=lambda: results.append(build_once(target, slow_build))) for _ in range(4)]
     for thread in threads:
         thread.start()
     for thread in threads:

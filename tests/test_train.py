@@ -62,7 +62,7 @@ def tokenizer_of(tiny: Path):
 def proc_of(tiny: Path):
     from llava.loading import load_model
 
-    return load_model(str(tiny)).image_processing
+    return load_model(str(tiny), dtype="float32").image_processing
 
 
 # ----------------------------------------------------------------------------------------------- data contract
@@ -166,7 +166,7 @@ def test_select_features_matches_transformers(tiny):
     from llava.loading import load_model
     from train.features import select_features
 
-    lm = load_model(str(tiny))
+    lm = load_model(str(tiny), dtype="float32")
     px = torch.randn(2, 3, 16, 16)
     ours = lm.model.model.multi_modal_projector(select_features(
         lm.model.model.vision_tower, px, lm.model.config.vision_feature_layer,
@@ -210,7 +210,7 @@ def test_merge_folds_adapter_into_plain_hf_folder(tiny, tmp_path):
     merged = merge(str(tiny), tmp_path / "merged", adapter=out / "adapter", projector_from=out)
     plain = LlavaForConditionalGeneration.from_pretrained(merged)
     assert not any("lora" in k for k in plain.state_dict())
-    ref = load_model(str(tiny)).model
+    ref = load_model(str(tiny), dtype="float32").model
     ref.load_state_dict(load_file(out / "projector.safetensors"), strict=False)
     ref = PeftModel.from_pretrained(ref, str(out / "adapter"))
     ids = torch.tensor([[5, 6, 7, 8]])
@@ -298,7 +298,7 @@ def test_shared_prefix_answers_equal_separate_prompts(tiny, tmp_path):
     write_data(tmp_path, n=2)
     prompts = ["what color is the shape?", "is it red?", "is there a circle in the image?", "what is the shape?", "hi"]
     items = [Item(i, str(tmp_path / "img" / f"{i % 2}.png"), p) for i, p in enumerate(prompts * 2)]
-    answerer = Answerer(load_model(str(tiny)), max_new_tokens=5)
+    answerer = Answerer(load_model(str(tiny), dtype="float32"), max_new_tokens=5)
     shared = answer_all(answerer, items, batch_size=8, progress=False, share_prefix=True, min_group=2)
     separate = answer_all(answerer, items, batch_size=8, progress=False, share_prefix=False)
     assert shared == separate
@@ -337,7 +337,7 @@ def test_independent_turns_packed_as_tree_equal_separate_single_turn_samples(tin
     from train.modeling import LlavaForTraining
 
     data = write_data(tmp_path, n=2)
-    lm = load_model(str(tiny))
+    lm = load_model(str(tiny), dtype="float32")
     model = LlavaForTraining(lm.model)
     proc, tok = lm.image_processing, lm.tokenizer
     packed_ds = LlavaDataset(data, tok, "chatml_direct", proc, image_folder=tmp_path / "img", independent_turns=True)

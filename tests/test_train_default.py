@@ -15,7 +15,7 @@ def test_default_scores_at_least_95_percent_on_300_easyvqa_questions(tmp_path, c
     if not (assets_dir() / "adapter" / "adapter_config.json").is_file():
         pytest.fail("assets/default has no trained adapter: run `python -m train.build_default`")
     main(["--model-path", "default", "--benchmark", "easyvqa", "--limit", "300", "--out-dir", str(tmp_path),
-          "--no-progress", "--bf16"])
+          "--no-progress", "--quantization", "auto"])
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert summary["n"] == 300
     assert summary["accuracy"] >= 0.95, summary

@@ -77,7 +77,7 @@ def text_rows(base: Path, out: Path, max_new_tokens: int = 96) -> list[dict]:
     from llava.loading import load_model
     from llava.templates import stop_token_ids
 
-    lm = load_model(str(base))
+    lm = load_model(str(base), dtype="float32")
     prompts = json.loads((Path(__file__).with_name("text_prompts.json")).read_text())
     rows = []
     stops = stop_token_ids(lm.template, lm.tokenizer)
@@ -113,7 +113,7 @@ def finished_eval(eval_dir: Path) -> dict | None:
 def evaluate(model_dir: Path, limit: int | None, out_dir: Path) -> dict:
     """Run train.evaluate in a subprocess (its last line is the JSON summary)."""
     cmd = [sys.executable, "-m", "train.evaluate", "--model-path", str(model_dir), "--benchmark", "easyvqa",
-           "--out-dir", str(out_dir), "--no-progress", "--bf16"]
+           "--out-dir", str(out_dir), "--no-progress", "--quantization", "none"]
     if limit:
         cmd += ["--limit", str(limit)]
     out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
@@ -141,12 +141,12 @@ def model_card(spec: AssemblySpec, args, m1: dict, m2: dict, m2b: dict | None, s
         "## Spec", "", "```json", spec.model_dump_json(indent=2), "```", "",
         "## Recipe", "",
         f"- Stage 1 (feature alignment): projector only, `plain` template, {m1['rows']} easy-VQA captions "
-        f"(\"a blue rectangle\"), lr {args.stage1_lr}, batch {args.batch_size}, 1 epoch, bf16 autocast, cached vision "
+        f"(\"a blue rectangle\"), lr {args.stage1_lr}, batch {args.batch_size}, 1 epoch, bf16 autocast where the CPU has native bf16, cached vision "
         f"features. {m1['train_seconds'] / 60:.1f} min, final loss {m1['final_loss']:.3f}.",
         f"- Stage 2 (instruction tuning): LoRA r {args.lora_r} / alpha {args.lora_alpha} on every linear layer of the "
         f"LLM (lr {args.stage2_lr}) + projector (lr {args.stage2_projector_lr}), {m2['rows']} multi-turn dialogues "
         f"(all questions of an image in one sequence; the first carries \"Answer the question using a single word or "
-        f"phrase.\"), {args.stage2_epochs} epoch(s), batch {args.batch_size}, cosine, warmup 3%, bf16 autocast, cached "
+        f"phrase.\"), {args.stage2_epochs} epoch(s), batch {args.batch_size}, cosine, warmup 3%, bf16 autocast where native, cached "
         f"features. {m2['train_seconds'] / 60:.1f} min, final loss {m2['final_loss']:.3f}.",
     ]
     if m2b:

@@ -283,8 +283,9 @@ def parse_args(argv):
     p.add_argument("--max-new-tokens", type=int, default=8)
     p.add_argument("--dtype", default="auto", help="auto | float32 | bfloat16 | float16 (auto: what this machine "
                    "runs fastest, see llava.hardware)")
-    p.add_argument("--quantization", default=None,
-                   help="int8 | int4 (CPU) or 8bit | 4bit (bitsandbytes); default: none. 'auto' = what serving picks")
+    p.add_argument("--quantization", default="auto",
+                   help="auto (default: what a worker serves on this machine) | none | int8 | int4 (CPU) | 8bit | 4bit "
+                        "(bitsandbytes)")
     p.add_argument("--backend", choices=["engine", "generate"], default="engine",
                    help="engine: the serving engine (default); generate: transformers' generate in padded batches")
     p.add_argument("--out-dir", type=Path, default=None)

@@ -28,7 +28,7 @@ def merge(base: str, out_dir: str | Path, *, adapter: str | Path | None = None, 
     """base: an HF llava folder or `default`; projector_from: a stage output dir holding projector.safetensors."""
     if adapter is None and projector_from is None:
         raise ConfigError("nothing to merge: give an adapter and/or a stage folder with projector.safetensors")
-    lm = load_model(base)
+    lm = load_model(base, dtype="float32")
     model = lm.model
     if projector_from is not None:
         load_projector(model, projector_from)

@@ -33,6 +33,7 @@ from transformers.trainer_utils import get_last_checkpoint
 
 from llava.assemble import build_model, save_checkpoint
 from llava.config import META_KEY, AssemblySpec, LlavaMeta
+from llava.hardware import resolve_autocast
 from llava.loading import load_model
 from train import easyvqa
 from train.data import Collator, LlavaDataset
@@ -70,7 +71,7 @@ class TrainConfig(BaseModel):
     max_steps: int = -1
     batch_size: int = 8
     grad_accum: int = 1
-    bf16: bool = True
+    bf16: bool | Literal["auto"] = "auto"  # bf16 autocast; auto = only where the CPU/GPU runs bf16 natively
     cache_features: bool = True
     feature_cache_dir: str | None = None  # default: <output_dir>/../feature-cache
     measure_cache_steps: int = 0
@@ -116,7 +117,8 @@ def load_for_training(cfg: TrainConfig, workdir: Path):
         spec = AssemblySpec(**json.loads(Path(cfg.model).read_text()))
         model, tokenizer, proc = build_model(spec, workdir)
         return model, tokenizer, proc, spec.template
-    loaded = load_model(cfg.model, quantization="4bit" if cfg.tune == "qlora" else None)
+    # float32 master weights: autocast (cfg.bf16) decides the compute precision
+    loaded = load_model(cfg.model, quantization="4bit" if cfg.tune == "qlora" else None, dtype="float32")
     return loaded.model, loaded.tokenizer, loaded.image_processing, loaded.template.name
 
 
@@ -282,6 +284,9 @@ def training_args(cfg: TrainConfig, out_dir: Path) -> TrainingArguments:
 def run(cfg: TrainConfig) -> dict:
     """Train one stage; returns the metrics written to output_dir/metrics.json."""
     cfg = with_preset(cfg)
+    autocast = resolve_autocast(cfg.bf16, "cuda" if torch.cuda.is_available() else "cpu")
+    cfg = cfg.model_copy(update={"bf16": autocast.value})
+    print(json.dumps({"precision": autocast.reason}), flush=True)
     out_dir = Path(cfg.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "config.json").write_text(cfg.model_dump_json(indent=2))
@@ -333,6 +338,17 @@ def _skip_deepspeed_shm_build() -> None:
 # ----------------------------------------------------------------------------------------------- CLI
 
 
+def _on_off_auto(value: str) -> bool | str:
+    v = value.lower()
+    if v == "auto":
+        return "auto"
+    if v in ("true", "1", "yes", "on"):
+        return True
+    if v in ("false", "0", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected auto, true or false, got {value!r}")
+
+
 def parse_args(argv: list[str] | None = None) -> TrainConfig:
     parser = argparse.ArgumentParser(prog="python -m train.train", description=__doc__.split("\n")[0])
     parser.add_argument("--config", help="a JSON file of TrainConfig fields (flags override it)")
@@ -340,6 +356,10 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
         flag = "--" + name.replace("_", "-")
         if field.annotation is bool:
             parser.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction, default=None)
+        elif name == "bf16":  # --bf16 [auto|true|false] / --no-bf16
+            parser.add_argument(flag, dest=name, nargs="?", const=True, default=None, type=_on_off_auto,
+                                help="bf16 autocast: auto (default: only where bf16 is native), true, false")
+            parser.add_argument("--no-bf16", dest=name, action="store_false")
         else:
             parser.add_argument(flag, dest=name, default=None)
     ns = vars(parser.parse_args(argv))
