@@ -7,7 +7,7 @@ export HF_HUB_OFFLINE := 1
 export GRADIO_ANALYTICS_ENABLED := False
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install demo test test-slow test-all bench clean
+.PHONY: install demo test test-slow test-all bench bench-quick clean
 
 $(STAMP): pyproject.toml Makefile
 	test -d $(VENV) || $(PY) -m venv $(VENV)
@@ -33,7 +33,12 @@ test-slow: $(STAMP)
 test-all: $(STAMP)
 	$(BIN)/python -m pytest -q --timeout=3600
 
+# the engine at this machine's serving defaults, llama.cpp side by side (its extra builds from source once)
 bench: $(STAMP)
+	$(BIN)/python -c "import llama_cpp" 2>/dev/null || CMAKE_BUILD_PARALLEL_LEVEL=2 $(BIN)/pip install -q -e '.[bench]'
+	$(BIN)/python -m bench.engine
+
+bench-quick: $(STAMP)
 	$(BIN)/python -m bench.engine --quick
 
 clean:

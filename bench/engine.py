@@ -1,13 +1,18 @@
-"""Benchmark of the generation engine (`python -m bench.engine [--quick]`).
+"""Benchmark of the generation engine (`python -m bench.engine [--quick]`), at this machine's serving defaults.
 
 - P1: single-stream tokens/s through the engine vs. a raw loop of model forward steps (same model, prompt, greedy).
-- P2: aggregate tokens/s with 1, 4 and 16 concurrent streams vs. the original LLaVA worker's design (one
-  `model.generate` thread per request, at most 5 at once through a semaphore, no batching).
-- P3: time to first token at turns 1..8 of one image conversation (each prompt = previous prompt + reply + new
-  question), with the engine's caches and without.
-Full mode runs the embedded default model (`llava.loading.load_model("default")`); --quick builds a small random
-LLaVA in memory and finishes in well under a minute. Prints a table, writes bench/results/engine-<mode>.json, and the
-last printed line is a one-line JSON summary with p1_ratio, p2_ratio_16 and p3_ttft_ratio_turn8.
+- P7: single-stream decode tokens/s of the engine vs. llama.cpp (llama-cpp-python) on the shipped GGUF of the same
+  LLM: same ChatML text prompt, 128 new tokens, greedy, same threads, runs alternated (`make bench` installs it).
+- P2 / P8: aggregate tokens/s with 1, 4 and 16 concurrent image streams vs. the original LLaVA worker's design (one
+  `model.generate` thread per request, at most 5 at once, no batching), and at 16 streams vs. llama.cpp's
+  single-stream tokens/s.
+- TTFT: time to first token of one image question on an idle engine with nothing cached (cold, p50), and of 16
+  image questions with distinct images arriving together (p95).
+- P3: time to first token at turns 1..8 of one image conversation, with the engine's caches and without.
+- roofline_fraction: LLM weight bytes read per decode step x steps/s / the read bandwidth measured here.
+Full mode runs the embedded default model with `--dtype auto --quantization auto` (what a worker serves here);
+--quick builds a small random LLaVA in memory. Every result names the CPU flags it ran on. Prints a table, writes
+bench/results/engine-<mode>.json; the last printed line is a one-line JSON summary.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ import argparse
 import json
 import os
 import statistics
+import subprocess
 import sys
 import threading
 import time
@@ -53,6 +59,8 @@ class Setup:
     p2_tokens: int
     p3_tokens: int
     repeats: int
+    quantization: str | None = None
+    precision_reason: str = ""
 
     def prompt(self, messages: list[dict], images: list[ProcessedImage]) -> list[int]:
         return render(messages, self.template, self.tokenizer, image_token_counts=[im.num_tokens for im in images],
@@ -85,20 +93,22 @@ def quick_setup() -> Setup:
                  p1_tokens=64, p2_tokens=32, p3_tokens=16, repeats=5)
 
 
-def default_setup(dtype: str = "float32") -> Setup:
-    """The embedded default model (DINOv2-small + SmolLM2-135M)."""
+def default_setup(dtype: str = "auto", quantization: str = "auto") -> Setup:
+    """The embedded default model (DINOv2-small + SmolLM2-135M) at the given precision."""
     try:
         from llava.loading import load_model
 
-        loaded = load_model("default", dtype=dtype)
+        loaded = load_model("default", dtype=dtype, quantization=quantization)
     except (ImportError, FileNotFoundError, ValueError, RuntimeError) as exc:
         raise SystemExit(
             f"bench.engine: the embedded default model could not be loaded ({type(exc).__name__}: {exc}); "
             "run with --quick for the tiny model"
         ) from exc
-    return Setup("default", loaded.model, loaded.tokenizer, loaded.template,
-                 stop_token_ids(loaded.template, loaded.tokenizer),
-                 lambda im: loaded.process_images([im])[0], p1_tokens=128, p2_tokens=128, p3_tokens=32, repeats=5)
+    setup = Setup("default", loaded.model, loaded.tokenizer, loaded.template,
+                  stop_token_ids(loaded.template, loaded.tokenizer),
+                  lambda im: loaded.process_images([im])[0], p1_tokens=128, p2_tokens=128, p3_tokens=32, repeats=5)
+    setup.quantization, setup.precision_reason = loaded.quantization, loaded.precision_reason
+    return setup
 
 
 def synthetic_image(i: int) -> Image.Image:
@@ -322,9 +332,19 @@ def ms(x: float | None) -> str:
 
 
 def print_report(res: dict) -> None:
-    p1, p2, p3 = res["p1"], res["p2"], res["p3"]
-    print(f"\nengine benchmark: model={res['model']} dtype={res['dtype']} threads={res['threads']} "
-          f"load average {res['load_avg_start']:.1f} -> {res['load_avg_end']:.1f} (other processes share the CPU)")
+    p1, p2, p3, p7, ttft = res["p1"], res["p2"], res["p3"], res["p7"], res["ttft"]
+    print(f"\nengine benchmark: model={res['model']} dtype={res['dtype']} quantization={res['quantization']} "
+          f"threads={res['threads']} load average {res['load_avg_start']:.1f} -> {res['load_avg_end']:.1f} "
+          f"(other processes share the CPU)\n  CPU: {res['cpu']}\n  precision: {res['precision_reason']}\n"
+          f"  read bandwidth {res['read_bandwidth_gbs']:.1f} GB/s; LLM weights read per decode step "
+          f"{res['decode_weight_bytes'] / 2**20:.0f} MiB; llama.cpp: {res['llamacpp']}")
+    print(f"\nP7 single-stream decode, text prompt of {p7['prompt_tokens']} tokens, {p7['tokens']} new tokens")
+    print(f"  engine    : {p7['decode_tok_s']:8.1f} tok/s  (TTFT {ms(p7['ttft_text_s'])} ms)")
+    if "llamacpp_decode_tok_s" in p7:
+        print(f"  llama.cpp : {p7['llamacpp_decode_tok_s']:8.1f} tok/s  (TTFT {ms(p7['llamacpp_ttft_s'])} ms, "
+              f"{p7['llamacpp_tokens']:.0f} tokens)   ratio {p7['ratio']:.2f} (median of {p7['repeats']} paired runs)")
+    print(f"\nTTFT, image question ({ttft['image_tokens']} image tokens): cold p50 {ms(ttft['cold_p50_s'])} ms; "
+          f"{ttft['newcomers']} newcomers together p50/p95 {ms(ttft['newcomers_p50_s'])}/{ms(ttft['newcomers_p95_s'])} ms")
     print(f"\nP1 single stream ({p1['tokens']} tokens)")
     print(f"  raw forward loop : {p1['raw_tok_s']:8.1f} tok/s")
     print(f"  engine           : {p1['engine_tok_s']:8.1f} tok/s   ratio {p1['ratio']:.3f} "
@@ -347,24 +367,152 @@ def print_report(res: dict) -> None:
           f"reused tokens {p3['reused_tokens']}")
 
 
+# ---------------------------------------------------------------------------------------------- P7 / TTFT
+
+
+def text_request(setup: Setup, question: str) -> list[int]:
+    return setup.prompt([{"role": "user", "content": question}], [])
+
+
+def bench_p7(setup: Setup, tokens: int, repeats: int, llamacpp) -> dict:
+    """Single-stream decode of the same text prompt: our engine and llama.cpp alternated run by run."""
+    from bench import llamacpp as lc
+
+    ids = text_request(setup, lc.PROMPT_QUESTION)
+    prompt_text = setup.tokenizer.decode(ids)  # the exact text our template renders, special tokens included
+    engine = no_cache_engine(setup, max_batch_size=1).start()
+    ours, theirs = [], []
+    try:
+        for r in range(repeats + 1):  # round 0 warms both up
+            t0 = time.perf_counter()
+            timing = consume(engine.submit(GenerationRequest(ids, [], fixed_length(tokens))), t0)
+            mine = {"decode_tok_s": (timing.tokens - 1) / (timing.end - t0 - timing.ttft), "ttft_s": timing.ttft}
+            other = llamacpp.run(prompt_text, tokens) if llamacpp else None
+            if r:
+                ours.append(mine)
+                if other:
+                    theirs.append(other)
+    finally:
+        engine.shutdown()
+    out = {"tokens": tokens, "repeats": repeats, "prompt_tokens": len(ids),
+           "decode_tok_s": statistics.median(x["decode_tok_s"] for x in ours),
+           "ttft_text_s": statistics.median(x["ttft_s"] for x in ours)}
+    if theirs:
+        out["llamacpp_decode_tok_s"] = statistics.median(x["decode_tok_s"] for x in theirs)
+        out["llamacpp_ttft_s"] = statistics.median(x["ttft_s"] for x in theirs)
+        out["llamacpp_tokens"] = statistics.median(x["tokens"] for x in theirs)
+        # paired runs: each of ours against the llama.cpp run right after it
+        out["ratio"] = statistics.median(a["decode_tok_s"] / b["decode_tok_s"] for a, b in zip(ours, theirs))
+    return out
+
+
+def bench_ttft(setup: Setup, cold_runs: int = 8, newcomers: int = 16) -> dict:
+    """Cold TTFT of one image question (nothing cached, idle engine) and of `newcomers` arriving together."""
+    engine = no_cache_engine(setup, max_batch_size=newcomers).start()
+    try:
+        one_image_request(setup, 7000, 4)  # warm the preprocessing path
+        engine_streams(engine, [one_image_request(setup, 7001, 4)], 2)
+        cold = []
+        for i in range(cold_runs):
+            ids, images = one_image_request(setup, 7100 + i, 8)
+            t0 = time.perf_counter()
+            cold.append(consume(engine.submit(GenerationRequest(ids, images, fixed_length(2))), t0).ttft)
+        reqs = [one_image_request(setup, 7200 + i, 8) for i in range(newcomers)]
+        _, timings = engine_streams(engine, reqs, 8)
+    finally:
+        engine.shutdown()
+    return {"image_tokens": reqs[0][1][0].num_tokens, "cold_p50_s": statistics.median(cold),
+            "cold_all_s": cold, "newcomers": newcomers,
+            "newcomers_p50_s": float(np.percentile([t.ttft for t in timings], 50)),
+            "newcomers_p95_s": float(np.percentile([t.ttft for t in timings], 95))}
+
+
+def read_bandwidth_gbs(mib: int = 512) -> float:
+    """Memory read bandwidth with torch's threads: the best of 5 sums of a buffer far larger than the caches."""
+    x = torch.ones(mib * 2**20 // 4, dtype=torch.float32)
+    x.sum()
+    best = min(_timed(x.sum) for _ in range(5))
+    return x.numel() * 4 / best / 1e9
+
+
+def _timed(fn) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def decode_weight_bytes(model) -> int:
+    """Bytes of LLM weights one decode step reads: quantized buffers (not their prefill copies) or parameters,
+    plus the LM head (the whole embedding matrix when tied)."""
+    from llava.quant import QuantLinear
+
+    llm, head = model.model.language_model, model.get_output_embeddings()
+    total = 0
+    quantized_params = set()
+    for module in [*llm.modules(), head]:
+        if isinstance(module, QuantLinear):
+            dense = 0 if module.dense is None else module.dense.numel() * module.dense.element_size()
+            total += module.nbytes - dense
+            quantized_params.update(id(b) for b in module.buffers())
+    embed = model.get_input_embeddings().weight
+    for p in llm.parameters():
+        if p is not embed and id(p) not in quantized_params:
+            total += p.numel() * p.element_size()
+    if not isinstance(head, QuantLinear):
+        total += head.weight.numel() * head.weight.element_size()
+    return total
+
+
+def cpu_flags() -> str:
+    from llava.hardware import cpu_info
+
+    return cpu_info().summary()
+
+
+def load_llamacpp(threads: int, skip: bool) -> tuple[object | None, str]:
+    from bench import llamacpp as lc
+
+    if skip:
+        return None, "skipped (--no-llamacpp)"
+    if not lc.available():
+        return None, "not installed: `make bench` (or pip install -e '.[bench]') builds llama-cpp-python"
+    try:
+        probe = lc.probe(threads)
+        handle = lc.LlamaCpp(threads, extra_buffers=probe["extra_buffers"])
+    except (RuntimeError, FileNotFoundError, OSError, subprocess.SubprocessError) as e:
+        return None, f"could not run: {e}"
+    note = "default settings" if probe["extra_buffers"] else f"without extra buffer types ({probe['note']})"
+    import llama_cpp
+
+    return handle, f"llama-cpp-python {llama_cpp.__version__}, {note}"
+
+
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(prog="python -m bench.engine", description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="small random model instead of the embedded default")
     ap.add_argument("--threads", type=int, default=None,
                     help="torch intra-op threads (default: 1 with --quick, torch's default otherwise)")
-    ap.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
-                    help="dtype of the default model (full mode only)")
+    ap.add_argument("--dtype", default="auto", help="dtype of the default model (default: auto, as a worker)")
+    ap.add_argument("--quantization", default="auto", help="auto | none | int8 | int4 (default: auto, as a worker)")
+    ap.add_argument("--no-llamacpp", action="store_true", help="do not run llama.cpp side by side")
+    ap.add_argument("--p7-repeats", type=int, default=5)
     ap.add_argument("--out", type=Path, default=None, help="JSON path (default bench/results/engine-<mode>.json)")
     args = ap.parse_args(argv)
     threads = args.threads or (1 if args.quick else torch.get_num_threads())
     torch.set_num_threads(threads)
-    setup = quick_setup() if args.quick else default_setup(args.dtype)
+    setup = quick_setup() if args.quick else default_setup(args.dtype, args.quantization)
     t0 = time.perf_counter()
-    res = {"mode": "quick" if args.quick else "full", "model": setup.name, "threads": threads,
+    res = {"mode": "quick" if args.quick else "full", "model": setup.name, "threads": threads, "cpu": cpu_flags(),
            "dtype": str(next(setup.model.parameters()).dtype).removeprefix("torch."),
+           "quantization": setup.quantization, "precision_reason": setup.precision_reason,
            "load_avg_start": os.getloadavg()[0]}
+    llamacpp, res["llamacpp"] = (None, "not run with --quick") if args.quick else load_llamacpp(threads, args.no_llamacpp)
+    res["read_bandwidth_gbs"] = read_bandwidth_gbs()
+    res["decode_weight_bytes"] = decode_weight_bytes(setup.model)
     res["p1"] = bench_p1(setup)
+    res["p7"] = bench_p7(setup, setup.p1_tokens, args.p7_repeats, llamacpp)
     res["p2"] = bench_p2(setup)
+    res["ttft"] = bench_ttft(setup)
     res["p3"] = bench_p3(setup)
     res["seconds"] = time.perf_counter() - t0
     res["load_avg_end"] = os.getloadavg()[0]
@@ -372,13 +520,23 @@ def main(argv: list[str] | None = None) -> dict:
     out = args.out or RESULTS_DIR / f"engine-{res['mode']}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(res, indent=2, default=str))
+    p7, agg16 = res["p7"], res["p2"]["streams"][16]["engine_tok_s"]
+    llama = p7.get("llamacpp_decode_tok_s")
     summary = {
-        "mode": res["mode"], "model": setup.name,
+        "mode": res["mode"], "model": setup.name, "cpu": res["cpu"], "threads": threads,
+        "dtype": res["dtype"], "quantization": res["quantization"],
         "p1_ratio": round(res["p1"]["ratio"], 3),
         "p2_ratio_16": round(res["p2"]["streams"][16]["ratio"], 3),
         "p3_ttft_ratio_turn8": round(res["p3"]["ratio_turn8_with_cache"], 3),
         "p1_engine_tok_s": round(res["p1"]["engine_tok_s"], 1),
-        "p2_engine_tok_s_16": round(res["p2"]["streams"][16]["engine_tok_s"], 1),
+        "p2_engine_tok_s_16": round(agg16, 1),
+        "decode_tok_s": round(p7["decode_tok_s"], 1),
+        "llamacpp_decode_tok_s": None if llama is None else round(llama, 1),
+        "p7_decode_vs_llamacpp": None if llama is None else round(p7["ratio"], 3),
+        "p8_agg16_vs_llamacpp": None if llama is None else round(agg16 / llama, 2),
+        "ttft_cold_p50_s": round(res["ttft"]["cold_p50_s"], 3),
+        "ttft_16_newcomers_p95_s": round(res["ttft"]["newcomers_p95_s"], 3),
+        "roofline_fraction": round(res["decode_weight_bytes"] * p7["decode_tok_s"] / (res["read_bandwidth_gbs"] * 1e9), 3),
         "seconds": round(res["seconds"], 1),
     }
     print(f"\nwrote {out}")

@@ -7,6 +7,7 @@ processing and the chat template. Assembly stores the resolved metadata (`LlavaM
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -53,3 +54,29 @@ class LlavaMeta(BaseModel):
     # auto serves on CPU), and the measurements behind it
     cpu_quantization: Literal["int8", "int4"] | None = None
     quality_gate: dict = Field(default_factory=dict)
+
+
+RUNNERS = ("auto", "llama", "transformers")
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """How `llava.engine.Engine` batches and caches; serve processes generate their flags from these fields."""
+
+    max_batch_size: int = 16  # requests decoded together
+    max_cached_tokens: int = 32768  # KV the batch may hold, counted as prompt + max_new_tokens per request
+    image_cache_bytes: int = 256 * 2**20  # projected image features kept (LRU); 0 disables
+    prefix_cache_tokens: int = 16384  # KV positions of finished requests kept for reuse (LRU); 0 disables
+    min_prefix_tokens: int = 16  # shortest shared prefix worth reusing
+    max_prefill_tokens_per_step: int = 512  # prompt positions computed between two decode steps
+    runner: str = "auto"  # auto | llama | transformers
+
+    def __post_init__(self):
+        for f in ("max_batch_size", "max_cached_tokens", "max_prefill_tokens_per_step"):
+            if getattr(self, f) < 1:
+                raise ValueError(f"{f} must be >= 1, got {getattr(self, f)}")
+        for f in ("image_cache_bytes", "prefix_cache_tokens", "min_prefix_tokens"):
+            if getattr(self, f) < 0:
+                raise ValueError(f"{f} must be >= 0, got {getattr(self, f)}")
+        if self.runner not in RUNNERS:
+            raise ValueError(f"runner must be one of {', '.join(RUNNERS)}, got {self.runner!r}")

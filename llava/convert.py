@@ -28,7 +28,7 @@ from llava.assemble import (
 )
 from llava.config import META_KEY, AssemblySpec, LlavaMeta
 from llava.images import ImageProcessing
-from llava.parts import cache_dir
+from llava.buildcache import build_once, cache_dir
 from llava.weights import WeightsError, find_first, read_file, read_folder
 
 ORIGINAL_LLM_TYPES = {"llava_llama": "llama", "llava": "llama", "llava_mistral": "mistral", "llava_qwen": "qwen2"}
@@ -134,10 +134,16 @@ def _resize_rows(t: torch.Tensor, rows: int) -> torch.Tensor:
 
 def convert_original(path: str, *, model_base: str | None = None, template: str | None = None,
                      out_dir: str | Path | None = None, llm_state: dict | None = None) -> Path:
-    """Convert an original-format (full, projector-only + base, or pre-merged LLM) checkpoint to an HF folder."""
-    out_dir = Path(out_dir) if out_dir else cache_dir() / "converted" / _cache_key(path, model_base, extra=template or "")
-    if (out_dir / "config.json").is_file():
-        return out_dir
+    """Convert an original-format (full, projector-only + base, or pre-merged LLM) checkpoint to an HF folder:
+    `out_dir`, or a folder of the cache built once (concurrent loaders wait for one conversion)."""
+    build = lambda out: _convert_original(path, model_base, template, out, llm_state)  # noqa: E731
+    if out_dir is not None:
+        return build(Path(out_dir))
+    return build_once(cache_dir() / "converted" / _cache_key(path, model_base, extra=template or ""), build)
+
+
+def _convert_original(path: str, model_base: str | None, template: str | None, out_dir: Path,
+                      llm_state: dict | None) -> Path:
     config = json.loads((Path(path) / "config.json").read_text())
     if template is None:
         from llava.zoo import get_entry
@@ -192,12 +198,17 @@ def convert_original(path: str, *, model_base: str | None = None, template: str 
 
 
 def merge_lora(adapter_dir: str, model_base: str, *, template: str | None = None, out_dir: str | Path | None = None) -> Path:
-    """Fold a LoRA adapter into its base and save a full HF llava folder (cached by adapter + base)."""
+    """Fold a LoRA adapter into its base and save a full HF llava folder: `out_dir`, or a folder of the cache
+    (keyed by adapter + base) built once."""
+    build = lambda out: _merge_lora(adapter_dir, model_base, template, out)  # noqa: E731
+    if out_dir is not None:
+        return build(Path(out_dir))
+    return build_once(cache_dir() / "merged" / _cache_key(adapter_dir, model_base, extra=template or ""), build)
+
+
+def _merge_lora(adapter_dir: str, model_base: str, template: str | None, out_dir: Path) -> Path:
     from peft import PeftModel
 
-    out_dir = Path(out_dir) if out_dir else cache_dir() / "merged" / _cache_key(adapter_dir, model_base, extra=template or "")
-    if (out_dir / "config.json").is_file():
-        return out_dir
     adapter_config = Path(adapter_dir) / "config.json"
     if adapter_config.is_file() and "mm_vision_tower" in json.loads(adapter_config.read_text()):
         # Original LLaVA LoRA: the adapter sits on the plain LLM; the projector is in non_lora_trainables.

@@ -1,14 +1,14 @@
 """The embedded default model: DINOv2-small + SmolLM2-135M-Instruct + the trained pieces in assets/default/.
 
 `default_model_dir()` assembles the shipped parts (no network), loads the trained projector
-(`projector.safetensors`) and folds in the LoRA adapter (`adapter/`) when present, and caches the result as an HF
+(`projector.safetensors`) and folds in the LoRA adapter (`adapter/`) when present, records the CPU quantization
+that passed its quality gate (`precision.json`, what `--quantization auto` serves), and caches the result as an HF
 llava folder keyed by the content of those assets, so a retrained default rebuilds and an unchanged one is reused.
 Without trained assets the projector is freshly initialised (the model then only answers text-only questions well).
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from pathlib import Path
@@ -19,7 +19,8 @@ from transformers import AutoModelForImageTextToText, AutoTokenizer
 from llava.assemble import assemble, save_checkpoint
 from llava.config import META_KEY, AssemblySpec, LlavaMeta
 from llava.images import ImageProcessing
-from llava.parts import SHIPPED_LLM, SHIPPED_VISION, cache_dir
+from llava.buildcache import build_once, cache_dir, digest
+from llava.parts import SHIPPED_LLM, SHIPPED_VISION
 from llava.weights import read_file
 
 DEFAULT_SPEC = AssemblySpec(
@@ -44,17 +45,11 @@ def default_spec() -> AssemblySpec:
     return AssemblySpec(**json.loads(spec_file.read_text())) if spec_file.is_file() else DEFAULT_SPEC
 
 
-def _digest(paths: list[Path], extra: str) -> str:
-    h = hashlib.sha256(extra.encode())
-    for p in sorted(paths):
-        h.update(p.name.encode())
-        h.update(p.read_bytes())
-    return h.hexdigest()[:16]
-
-
 def _trained_files() -> list[Path]:
     root = assets_dir()
     files = [root / "projector.safetensors"] if (root / "projector.safetensors").is_file() else []
+    if (root / "precision.json").is_file():
+        files.append(root / "precision.json")
     adapter = root / "adapter"
     if adapter.is_dir():
         files += [f for f in adapter.iterdir() if f.is_file()]
@@ -62,18 +57,18 @@ def _trained_files() -> list[Path]:
 
 
 def default_model_dir() -> Path:
-    """Build (once) and return the default model's HF folder."""
+    """Build (once, safely under concurrent starters) and return the default model's HF folder."""
     spec = default_spec()
     spec_json = spec.model_dump_json()
-    base = cache_dir() / "default" / f"base-{_digest([], spec_json)}"
-    if not (base / "config.json").is_file():
-        assemble(spec, base)
+    base = build_once(cache_dir() / "default" / f"base-{digest(spec_json)}", lambda tmp: assemble(spec, tmp))
     trained = _trained_files()
     if not trained:
         return base
-    out = cache_dir() / "default" / f"trained-{_digest(trained, spec_json)}"
-    if (out / "config.json").is_file():
-        return out
+    out = cache_dir() / "default" / f"trained-{digest(spec_json, *sorted(trained))}"
+    return build_once(out, lambda tmp: _build_trained(base, tmp))
+
+
+def _build_trained(base: Path, out: Path) -> None:
     model = AutoModelForImageTextToText.from_pretrained(base, dtype=torch.float32)
     projector_file = assets_dir() / "projector.safetensors"
     if projector_file.is_file():
@@ -84,9 +79,13 @@ def default_model_dir() -> Path:
         model = PeftModel.from_pretrained(model, assets_dir() / "adapter").merge_and_unload()
     config = json.loads((base / "config.json").read_text())
     meta = LlavaMeta(**config[META_KEY])
+    precision = assets_dir() / "precision.json"
+    if precision.is_file():  # the quality gate measured by `python -m bench.precision --record`
+        gate = json.loads(precision.read_text())
+        meta = meta.model_copy(update={"cpu_quantization": gate.get("cpu_quantization"), "quality_gate": gate})
     setattr(model.config, META_KEY, meta.model_dump())
     tokenizer = AutoTokenizer.from_pretrained(base)
-    return save_checkpoint(model.eval(), tokenizer, ImageProcessing.from_dict(meta.image_processing), meta.template, out)
+    save_checkpoint(model.eval(), tokenizer, ImageProcessing.from_dict(meta.image_processing), meta.template, out)
 
 
 def _load_projector(model, state: dict[str, torch.Tensor]) -> None:

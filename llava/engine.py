@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from llava.config import RUNNERS, EngineConfig
 from llava.hf_runner import TransformersRunner
 from llava.kvcache import ImageFeatureCache, ImageRun, PrefixCache, common_prefix, images_agree
 from llava.requests import (
@@ -56,31 +57,6 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
-
-RUNNERS = ("auto", "llama", "transformers")
-
-
-@dataclass(frozen=True)
-class EngineConfig:
-    """How the engine batches and caches (every serve process can set these from its command line)."""
-
-    max_batch_size: int = 16  # requests decoded together
-    max_cached_tokens: int = 32768  # KV the batch may hold, counted as prompt + max_new_tokens per request
-    image_cache_bytes: int = 256 * 2**20  # projected image features kept (LRU); 0 disables
-    prefix_cache_tokens: int = 16384  # KV positions of finished requests kept for reuse (LRU); 0 disables
-    min_prefix_tokens: int = 16  # shortest shared prefix worth reusing
-    max_prefill_tokens_per_step: int = 512  # prompt positions computed between two decode steps
-    runner: str = "auto"  # auto | llama | transformers
-
-    def __post_init__(self):
-        for f in ("max_batch_size", "max_cached_tokens", "max_prefill_tokens_per_step"):
-            if getattr(self, f) < 1:
-                raise ValueError(f"{f} must be >= 1, got {getattr(self, f)}")
-        for f in ("image_cache_bytes", "prefix_cache_tokens", "min_prefix_tokens"):
-            if getattr(self, f) < 0:
-                raise ValueError(f"{f} must be >= 0, got {getattr(self, f)}")
-        if self.runner not in RUNNERS:
-            raise ValueError(f"runner must be one of {', '.join(RUNNERS)}, got {self.runner!r}")
 
 
 @dataclass(eq=False)

@@ -185,7 +185,8 @@ class Int4Linear(QuantLinear):
             target = w if low is None else w - low[0] @ low[1]
             residual = w - _dequant_codes(*_int4_quantize(target))
             low = _low_rank(residual, rank)
-            if low[0].norm() ** 2 < LOW_RANK_MIN_ENERGY * residual.norm() ** 2:
+            # noise spreads evenly over the min(N, K) directions; a LoRA update concentrates in a few
+            if low[0].norm() ** 2 < max(LOW_RANK_MIN_ENERGY, 3 * rank / min(n, k)) * residual.norm() ** 2:
                 low = None  # noise-like residual (e.g. an untuned embedding used as LM head): nothing to keep
                 break
         codes, scale, zero = _int4_quantize(w if low is None else w - low[0] @ low[1])

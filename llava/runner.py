@@ -21,7 +21,6 @@ Promises:
 
 from __future__ import annotations
 
-import ctypes
 from dataclasses import dataclass
 
 import torch
@@ -260,8 +259,11 @@ class LlamaRunner:
         parts = [(l.qkv, l.o, l.gate_up, l.down) for l in self.layers]
         if not all(isinstance(m, Int4Linear) for group in parts for m in group):
             return None
-        return [kernels.Q4Layer.of(*(m.matrix() for m in group), l.attn_norm_w, l.mlp_norm_w)
-                for group, l in zip(parts, self.layers)]
+        layers = [kernels.Q4Layer.of(*(m.matrix() for m in group), l.attn_norm_w, l.mlp_norm_w)
+                  for group, l in zip(parts, self.layers)]
+        array = (kernels.Q4Layer * len(layers))(*layers)
+        array._keep = layers
+        return array
 
     # ------------------------------------------------------------------------------------------------ rows
 
@@ -479,8 +481,8 @@ class LlamaRunner:
         bufs = self._buffers.get(b)
         if bufs is None:
             hd, nq, nkv, f32 = self.head_dim, self.heads, self.kv_heads, torch.float32
-            ws = max((m.scratch(b).numel() for layer in self._q4_layers for m in (layer.qkv, layer.o, layer.gate_up,
-                                                                                     layer.down)), default=0)
+            ws = max((m.scratch(b).numel() for layer in self._q4_layers
+                      for m in (layer.qkv, layer.o, layer.gate_up, layer.down)), default=0)
             bufs = self._buffers[b] = {
                 "h": torch.empty(b, self.hidden, dtype=f32), "qkv": torch.empty(b, (nq + 2 * nkv) * hd, dtype=f32),
                 "att": torch.empty(b, nq * hd, dtype=f32), "gu": torch.empty(b, 2 * self.intermediate, dtype=f32),
@@ -490,7 +492,7 @@ class LlamaRunner:
         return bufs
 
     def _decode_int4(self, tokens: torch.Tensor, pos: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
-        """Each decoder layer is one `llava_q4_decode_layer` call (see llava/kernels/cpu.c)."""
+        """All decoder layers in one `llava_q4_decode_layers` call (see llava/kernels/cpu.c), then the LM head."""
         lib = kernels.library()
         b, hd, nq, nkv, hidden = tokens.shape[0], self.head_dim, self.heads, self.kv_heads, self.hidden
         bufs = self._step_buffers(b)
@@ -499,20 +501,14 @@ class LlamaRunner:
         if bufs["scores"].numel() < threads * self.context_length:
             bufs["scores"] = torch.empty(threads * self.context_length, dtype=torch.float32)
         k_all, v_all = self._k, self._v
-        layer_bytes = k_all.stride(0) * k_all.element_size()
-        kv_bf16 = int(self.kv_dtype == torch.bfloat16)
         ptr = {name: t.data_ptr() for name, t in bufs.items()}
-        isa = kernels.isa()
-        for li, layer in enumerate(self._q4_layers):
-            lib.llava_q4_decode_layer(
-                ctypes.byref(layer), x.data_ptr(), b, hidden, nq, nkv, hd, self.intermediate, self.eps,
-                cos.data_ptr(), sin.data_ptr(), pos.data_ptr(), k_all.data_ptr() + li * layer_bytes,
-                v_all.data_ptr() + li * layer_bytes, kv_bf16, k_all.stride(1), k_all.stride(2), ptr["h"],
-                ptr["qkv"], ptr["att"], ptr["gu"], ptr["act"], ptr["ws"], ptr["scores"], self.context_length, isa,
-                threads)
-        h = bufs["h"]
-        lib.llava_add_rmsnorm(x.data_ptr(), None, self.final_norm_w.data_ptr(), h.data_ptr(), b, hidden, self.eps)
-        logits = self.lm_head.small(h).float()
+        lib.llava_q4_decode_layers(
+            self._q4_layers, len(self._q4_layers), x.data_ptr(), b, hidden, nq, nkv, hd, self.intermediate, self.eps,
+            cos.data_ptr(), sin.data_ptr(), pos.data_ptr(), k_all.data_ptr(), v_all.data_ptr(),
+            int(self.kv_dtype == torch.bfloat16), k_all.stride(0), k_all.stride(1), k_all.stride(2),
+            self.final_norm_w.data_ptr(), ptr["h"], ptr["qkv"], ptr["att"], ptr["gu"], ptr["act"], ptr["ws"],
+            ptr["scores"], self.context_length, kernels.isa(), threads)
+        logits = self.lm_head.small(bufs["h"]).float()
         logits[:, self.vocab_limit :] = float("-inf")
         logits[:, self.image_token_id] = float("-inf")
         return logits

@@ -22,7 +22,7 @@ import httpx
 from llava.chat import ChatSession, ChatStateError, image_bytes
 from llava.images import ImageError
 from llava.templates import ImageCountError
-from serve.common import FrameSplitter, fetch_image_url
+from serve.common import FrameSplitter, add_precision_args, fetch_image_url
 from serve.protocol import ErrorCode, SamplingFields, ServeError
 
 
@@ -42,10 +42,10 @@ class LocalBackend:
     def __init__(self, args: argparse.Namespace):
         from serve.model_worker import ServingModel  # loads torch/transformers only when needed
 
-        quant = "8bit" if args.load_8bit else "4bit" if args.load_4bit else None
         self.serving = ServingModel.load(
             args.model_path, names=[args.model_name] if args.model_name else None, max_batch_size=1,
-            model_base=args.model_base, template=args.template, quantization=quant, device=args.device,
+            model_base=args.model_base, template=args.template, quantization=args.quantization, device=args.device,
+            dtype=args.dtype,
         )
         self.serving.engine.start()
         self.name = self.serving.names[0]
@@ -181,9 +181,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=int, default=512)
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--device", default="cpu")
-    q = p.add_mutually_exclusive_group()
-    q.add_argument("--load-8bit", action="store_true")
-    q.add_argument("--load-4bit", action="store_true")
+    add_precision_args(p)
     return p
 
 

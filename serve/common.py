@@ -12,8 +12,10 @@ Promises:
 
 from __future__ import annotations
 
+import argparse
 import base64
 import binascii
+import dataclasses
 import ipaddress
 import json
 import logging
@@ -239,3 +241,60 @@ def free_port(host: str = "127.0.0.1") -> int:
 def setup_logging(name: str) -> logging.Logger:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     return logging.getLogger(name)
+
+
+# ------------------------------------------------------------------------------------- model and engine options
+
+PRECISION_HELP = (
+    "--dtype auto picks what this machine computes fastest (bf16 on CUDA and on CPUs with native bf16, else "
+    "float32); --quantization auto serves on CPU the int8/int4 precision the checkpoint records as passing its "
+    "quality gate (the default model: int4), else none"
+)
+
+
+def add_precision_args(p: argparse.ArgumentParser) -> None:
+    """--dtype, --quantization and LLaVA's --load-8bit / --load-4bit (bitsandbytes), shared by worker and CLI."""
+    g = p.add_argument_group("precision", PRECISION_HELP)
+    g.add_argument("--dtype", default="auto", help="auto | float32 | bfloat16 | float16 (default: auto)")
+    q = g.add_mutually_exclusive_group()
+    q.add_argument("--quantization", default="auto", choices=["auto", "none", "int8", "int4", "8bit", "4bit"],
+                   help="weight quantization of the LLM: int8/int4 on CPU (llava.quant), 8bit/4bit bitsandbytes "
+                        "(default: auto)")
+    q.add_argument("--load-8bit", action="store_const", const="8bit", dest="quantization",
+                   help="bitsandbytes 8-bit (as LLaVA's flag)")
+    q.add_argument("--load-4bit", action="store_const", const="4bit", dest="quantization",
+                   help="bitsandbytes 4-bit NF4 (as LLaVA's flag)")
+
+
+ENGINE_HELP = {
+    "max_cached_tokens": "KV positions the running batch may reserve (prompt + max_new_tokens per request)",
+    "image_cache_bytes": "bytes of projected image features kept for reuse (0 disables)",
+    "prefix_cache_tokens": "KV positions of finished requests kept for prefix reuse (0 disables)",
+    "min_prefix_tokens": "shortest shared prefix worth reusing",
+    "max_prefill_tokens_per_step": "prompt positions computed between two decode steps (bounds running streams' "
+                                   "inter-token latency; longer prompts are prefilled in chunks)",
+    "runner": "LLM forward: auto | llama (the engine's own) | transformers",
+}
+
+
+def add_engine_args(p: argparse.ArgumentParser, skip: tuple[str, ...] = ("max_batch_size",)) -> None:
+    """One flag per `EngineConfig` field (defaults and help from the dataclass: one source for both)."""
+    from llava.config import EngineConfig
+
+    g = p.add_argument_group("engine", "batching and caches of the generation engine (llava.config.EngineConfig)")
+    for f in dataclasses.fields(EngineConfig):
+        if f.name in skip:
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        g.add_argument(flag, dest="engine_" + f.name, type=type(f.default), default=f.default, metavar=f.name.upper(),
+                       help=f"{ENGINE_HELP.get(f.name, '')} (default: {f.default})")
+
+
+def engine_config_from_args(args: argparse.Namespace, **fixed):
+    from llava.config import EngineConfig
+
+    values = {k.removeprefix("engine_"): v for k, v in vars(args).items() if k.startswith("engine_")}
+    try:
+        return EngineConfig(**{**values, **fixed})
+    except ValueError as e:
+        raise SystemExit(f"invalid engine setting: {e}") from None

@@ -109,7 +109,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="Start controller + model worker + web UI (the LLaVA demo)")
     p.add_argument("--model-path", default="default", help="what the worker loads (default: the embedded model)")
     p.add_argument("--model-name", default=None)
-    p.add_argument("--dtype", default=None, help="worker dtype: float32 | bfloat16 | float16 (bfloat16 batches ~3x faster on CPU)")
+    p.add_argument("--dtype", default="auto", help="worker dtype: auto (what this machine runs fastest) | float32 | "
+                   "bfloat16 | float16")
+    p.add_argument("--quantization", default="auto", choices=["auto", "none", "int8", "int4", "8bit", "4bit"],
+                   help="worker weight quantization (auto: what the model records as passing its quality gate)")
     p.add_argument("--host", default="127.0.0.1", help="address of the web UI (the servers stay on loopback)")
     p.add_argument("--port", type=int, default=7860, help="web UI port")
     p.add_argument("--controller-port", type=int, default=21001)
@@ -137,8 +140,7 @@ def run(args: argparse.Namespace, stop: threading.Event) -> int:
                   str(args.worker_port), "--controller-address", controller]
         if args.model_name:
             worker += ["--model-name", args.model_name]
-        if args.dtype:
-            worker += ["--dtype", args.dtype]
+        worker += ["--dtype", args.dtype, "--quantization", args.quantization]
         children.append(start("model worker", worker, env))
         children.append(start("web UI", ["serve.gradio_web_server", "--controller-url", controller, "--host",
                                          args.host, "--port", str(args.port), "--log-dir", args.log_dir], env))

@@ -1,7 +1,8 @@
 """A model worker: one loaded model + the continuous-batching engine behind the LLaVA worker HTTP protocol.
 
 Run: `python -m serve.model_worker --model-path PATH [--model-base BASE] [--model-name NAME] [--template NAME]
-[--load-8bit|--load-4bit] [--device cpu] [--host 127.0.0.1] [--port 21002] [--worker-address URL]
+[--dtype auto] [--quantization auto|none|int8|int4|8bit|4bit] [--load-8bit|--load-4bit] [--device cpu]
+[--host 127.0.0.1] [--port 21002] [--worker-address URL]
 [--controller-address http://127.0.0.1:21001] [--no-register] [--limit-model-concurrency 16]`.
 PATH is anything `llava.loading.load_model` takes: `default`, an HF llava folder or hub id, an original-format
 checkpoint, a projector-only or LoRA folder (with --model-base).
@@ -33,8 +34,9 @@ import argparse
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import AsyncIterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import httpx
 import torch
@@ -43,14 +45,15 @@ from fastapi import FastAPI, Request
 from fastapi.responses import Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
+from llava.config import EngineConfig
 from llava.engine import Engine, GenerationRequest, InvalidRequestError, PromptTooLongError, RequestHandle
 from llava.images import ImageError, ProcessedImage, load_image
 from llava.loading import LoadedModel, LoadError, load_model
 from llava.sampling import InvalidSamplingParamsError, SamplingParams
 from llava.templates import IMAGE_PLACEHOLDER, ImageCountError, TemplateError, normalize_messages, stop_token_ids
 from serve.common import (
-    DEFAULT_MAX_BODY_BYTES, STREAM_MEDIA_TYPE, decode_image_payload, encode_chunk, error_response, parse_body,
-    setup_logging,
+    DEFAULT_MAX_BODY_BYTES, STREAM_MEDIA_TYPE, add_engine_args, add_precision_args, decode_image_payload,
+    encode_chunk, engine_config_from_args, error_response, parse_body, setup_logging,
 )
 from serve.protocol import (
     ErrorCode, GenerateMessagesRequest, GenerateStreamRequest, SamplingFields, ServeError, Usage,
@@ -96,13 +99,23 @@ class ServingModel:
 
     @classmethod
     def load(cls, path: str, *, names: Sequence[str] | None = None, max_batch_size: int = 16,
-             limits: ImageLimits = ImageLimits(), **load_kwargs) -> ServingModel:
+             limits: ImageLimits = ImageLimits(), engine_config: EngineConfig | None = None,
+             **load_kwargs) -> ServingModel:
         loaded = load_model(path, **load_kwargs)
+        config = replace(engine_config or EngineConfig(), max_batch_size=max_batch_size)
         engine = Engine(
             loaded.model, loaded.tokenizer, eos_token_ids=stop_token_ids(loaded.template, loaded.tokenizer),
-            max_batch_size=max_batch_size, context_length=loaded.context_length,
+            config=config, context_length=loaded.context_length,
         )
+        logger.info("serving %s: %s; runner %s", loaded.name, loaded.precision_reason, engine.runner_name)
         return cls(loaded, engine, names or [loaded.name], limits)
+
+    def warm_up(self) -> float:
+        """Run one short request through the engine (kernels, buffers, first-call costs) before serving; seconds."""
+        t0 = time.perf_counter()
+        ids = self.loaded.render([{"role": "user", "content": "Hi"}]).input_ids
+        self.engine.submit(GenerationRequest(ids, [], SamplingParams(max_new_tokens=2, ignore_eos=True))).result(300)
+        return time.perf_counter() - t0
 
     # -- preparing
 
@@ -218,9 +231,9 @@ class WorkerConfig:
     model_name: str | None = None
     template: str | None = None
     image_mode: str | None = None
-    quantization: str | None = None
+    quantization: str | None = "auto"
     device: str = "cpu"
-    dtype: str | None = None
+    dtype: str | None = "auto"
     worker_address: str = "http://127.0.0.1:21002"
     controller_address: str = "http://127.0.0.1:21001"
     register: bool = True
@@ -229,6 +242,8 @@ class WorkerConfig:
     max_queue: int = 256
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
     limits: ImageLimits = field(default_factory=ImageLimits)
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    warm_up: bool = True
 
 
 class WorkerMetrics:
@@ -379,9 +394,11 @@ def create_app(config: WorkerConfig, serving: ServingModel | None = None) -> Fas
             config.model_path, names=[config.model_name] if config.model_name else None,
             max_batch_size=config.max_batch_size, limits=config.limits, model_base=config.model_base,
             template=config.template, image_mode=config.image_mode, quantization=config.quantization,
-            device=config.device, dtype=config.dtype,
+            device=config.device, dtype=config.dtype, engine_config=config.engine,
         )
         model.engine.start()
+        if config.warm_up and serving is None:
+            logger.info("warm-up request took %.2f s", await asyncio.to_thread(model.warm_up))
         client = httpx.AsyncClient(timeout=10.0)
         state = WorkerState(config, model, WorkerMetrics(), client)
         if config.register:
@@ -454,10 +471,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu")
     p.add_argument("--num-threads", type=int, default=None,
                    help="torch CPU threads (default: torch's choice); use 1-2 per worker when several share a host")
-    p.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16 (default: fp16 on cuda, fp32 on cpu)")
-    q = p.add_mutually_exclusive_group()
-    q.add_argument("--load-8bit", action="store_true")
-    q.add_argument("--load-4bit", action="store_true")
+    add_precision_args(p)
     p.add_argument("--limit-model-concurrency", type=int, default=16,
                    help="requests generated together (the engine's batch size); more wait in the queue")
     p.add_argument("--max-queue", type=int, default=256, help="requests waiting beyond the batch before 503s")
@@ -467,18 +481,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-images", type=int, default=8)
     p.add_argument("--max-image-bytes", type=int, default=20 * 2**20)
     p.add_argument("--max-image-pixels", type=int, default=40_000_000)
+    p.add_argument("--no-warm-up", action="store_true", help="skip the warm-up request before registering")
+    add_engine_args(p)
     return p
 
 
 def config_from_args(args: argparse.Namespace) -> WorkerConfig:
     return WorkerConfig(
         model_path=args.model_path, model_base=args.model_base, model_name=args.model_name, template=args.template,
-        image_mode=args.image_mode, quantization="8bit" if args.load_8bit else "4bit" if args.load_4bit else None,
-        device=args.device, dtype=args.dtype, worker_address=args.worker_address or f"http://{args.host}:{args.port}",
+        image_mode=args.image_mode, quantization=args.quantization, device=args.device, dtype=args.dtype, worker_address=args.worker_address or f"http://{args.host}:{args.port}",
         controller_address=args.controller_address.rstrip("/"), register=not args.no_register,
         heart_beat_interval=args.heart_beat_interval, max_batch_size=args.limit_model_concurrency,
         max_queue=args.max_queue, max_body_bytes=args.max_body_bytes,
         limits=ImageLimits(args.max_images, args.max_image_bytes, args.max_image_pixels),
+        engine=engine_config_from_args(args, max_batch_size=args.limit_model_concurrency), warm_up=not args.no_warm_up,
     )
 
 

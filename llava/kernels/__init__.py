@@ -76,6 +76,8 @@ def _library() -> ctypes.CDLL | None:
         "llava_q4_gemm": ([P] * 5 + [I64, P, I64, P, P] + [I64] * 3 + [P, I, I], None),
         "llava_q4_scratch_bytes": ([I64] * 3, I64),
         "llava_q4_decode_layer": ([P, P] + [I64] * 6 + [F, P, P, P, P, P, I, I64, I64] + [P] * 7 + [I64, I, I], None),
+        "llava_q4_decode_layers": ([P, I64, P] + [I64] * 6 + [F, P, P, P, P, P, I, I64, I64, I64] + [P] * 8
+                                   + [I64, I, I], None),
         "llava_add_rmsnorm": ([P] * 4 + [I64] * 2 + [F], None),
         "llava_rope": ([P] * 3 + [I64] * 4, None),
         "llava_decode_attention": ([P, I64, P, P, I64, P, P, I, I64, I64, P, P] + [I64] * 4 + [F, I], I),

@@ -481,3 +481,19 @@ AVX2 void llava_q4_decode_layer(const q4_layer* L, float* x, int64_t B, int64_t 
         q4_blocks(&L->down, B, s, x, 1, isa);
     }
 }
+
+/* All L decoder layers of a decode step in one call (layer l's K/V at K + l * layer_stride elements), then the
+   final RMSNorm of x into h: the step's only Python left is the embedding lookup and the LM head. */
+AVX2 void llava_q4_decode_layers(const q4_layer* layers, int64_t L, float* x, int64_t B, int64_t H, int64_t nq,
+                                 int64_t nkv, int64_t D, int64_t I, float eps, const float* cos, const float* sin,
+                                 const int64_t* pos, void* K, void* V, int kv_bf16, int64_t layer_stride,
+                                 int64_t row_stride, int64_t head_stride, const float* final_norm, float* h,
+                                 float* qkv, float* att, float* gu, float* act, void* ws, float* scores, int64_t tmax,
+                                 int isa, int nthreads) {
+    const size_t esize = kv_bf16 ? 2 : 4;
+    for (int64_t l = 0; l < L; l++)
+        llava_q4_decode_layer(layers + l, x, B, H, nq, nkv, D, I, eps, cos, sin, pos,
+                              (char*)K + (size_t)(l * layer_stride) * esize, (char*)V + (size_t)(l * layer_stride) * esize,
+                              kv_bf16, row_stride, head_stride, h, qkv, att, gu, act, ws, scores, tmax, isa, nthreads);
+    rmsnorm_rows(x, final_norm, h, B, H, eps);
+}
