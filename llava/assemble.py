@@ -36,12 +36,11 @@ from transformers import (
 )
 
 from llava.config import META_KEY, AssemblySpec, LlavaMeta
-from llava.images import ImageProcessing, num_image_tokens
+from llava.images import CLIP_MEAN, CLIP_STD, ImageProcessing, num_image_tokens
 from llava.parts import cached_gguf_dir, is_shipped, shipped_dir
 from llava.projector import STANDARD_PROJECTOR, LlavaVariantConfig, LlavaVariantForConditionalGeneration
 from llava.templates import IMAGE_PLACEHOLDER, get_template, to_jinja
 
-CLIP_MEAN, CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 

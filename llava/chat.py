@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 
 from PIL import Image
 
-from llava.images import load_image
+from llava.images import MAX_IMAGE_BYTES, MAX_IMAGE_PIXELS, load_image
 from llava.templates import IMAGE_PLACEHOLDER, ImageCountError, Template, TemplateError, render_text
 
 ImageSource = bytes | str | os.PathLike | Image.Image
@@ -31,7 +31,7 @@ class ChatStateError(ValueError):
     """An operation that the conversation's current state does not allow (e.g. two user turns in a row)."""
 
 
-def image_bytes(src: ImageSource, *, max_bytes: int = 20 * 2**20, max_pixels: int = 40_000_000) -> bytes:
+def image_bytes(src: ImageSource, *, max_bytes: int = MAX_IMAGE_BYTES, max_pixels: int = MAX_IMAGE_PIXELS) -> bytes:
     """Encoded bytes of a validated image: files/bytes/base64/data URIs keep their original encoding, PIL images
     become PNG. Raises `llava.images.ImageError` naming the cause."""
     image = load_image(src, max_bytes=max_bytes, max_pixels=max_pixels)  # validates (decodes fully) first

@@ -7,12 +7,19 @@ processing and the chat template. Assembly stores the resolved metadata (`LlavaM
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 META_KEY = "llava"
+
+
+def assets_root() -> Path:
+    """The assets folder: `$LLAVA_ASSETS`, else the checkout's `assets/` (the default model, demo images)."""
+    return Path(os.environ.get("LLAVA_ASSETS", Path(__file__).resolve().parents[1] / "assets"))
 
 
 class AssemblySpec(BaseModel):

@@ -26,10 +26,13 @@ from llava.assemble import (
     load_vision_encoder,
     save_checkpoint,
 )
+from llava.checkpoint import HF_LLAVA_TYPES, LoadError, image_processing_from_hf, is_adapter, read_config
 from llava.config import META_KEY, AssemblySpec, LlavaMeta
+from llava.default import default_model_dir
 from llava.images import ImageProcessing
 from llava.buildcache import build_once, cache_dir
 from llava.weights import WeightsError, find_first, read_file, read_folder
+from llava.zoo import get_entry
 
 ORIGINAL_LLM_TYPES = {"llava_llama": "llama", "llava": "llama", "llava_mistral": "mistral", "llava_qwen": "qwen2"}
 PROJECTOR_FILES = ["mm_projector.safetensors", "mm_projector.bin"]
@@ -146,8 +149,6 @@ def _convert_original(path: str, model_base: str | None, template: str | None, o
                       llm_state: dict | None) -> Path:
     config = json.loads((Path(path) / "config.json").read_text())
     if template is None:
-        from llava.zoo import get_entry
-
         try:
             template = get_entry(path).template
         except KeyError:
@@ -221,9 +222,7 @@ def _merge_lora(adapter_dir: str, model_base: str, template: str | None, out_dir
         state.update(read_file(extra))
         return convert_original(adapter_dir, model_base=model_base, template=template, out_dir=out_dir, llm_state=state)
 
-    from llava.loading import resolve_path  # a base given as 'default' or original format resolves first
-
-    base_dir = resolve_path(model_base, None)
+    base_dir = resolve_path(model_base, None)  # a base given as 'default' or original format resolves first
     base = AutoModelForImageTextToText.from_pretrained(base_dir, dtype=torch.float32)
     merged = PeftModel.from_pretrained(base, adapter_dir).merge_and_unload()
     base_config = json.loads((Path(base_dir) / "config.json").read_text())
@@ -235,9 +234,29 @@ def _merge_lora(adapter_dir: str, model_base: str, template: str | None, out_dir
         setattr(merged.config, META_KEY, meta.model_dump())
     proc = ImageProcessing.from_dict(meta.image_processing) if meta else None
     if proc is None:
-        from llava.loading import image_processing_from_hf
-
         proc = image_processing_from_hf(base_dir, base_config)
     tokenizer = AutoTokenizer.from_pretrained(base_dir)
     return save_checkpoint(merged.eval(), tokenizer, proc, tmpl, out_dir)
 
+
+def resolve_path(path: str, model_base: str | None, template: str | None = None) -> str:
+    """Turn every accepted input into an HF llava folder (or hub id), converting once where needed."""
+    if path == "default":
+        return str(default_model_dir())
+    if is_adapter(path):
+        if model_base is None:
+            raise LoadError(f"{path} is a LoRA adapter: pass model_base (the model it was trained on)")
+        return str(merge_lora(path, model_base, template=template))
+    config = read_config(path)
+    if config is None:
+        if model_base and find_projector_file(path):
+            return str(convert_original(path, model_base=model_base, template=template))
+        raise LoadError(f"{path} has no config.json; is it a model folder?")
+    if config.get("model_type") in HF_LLAVA_TYPES:
+        return path
+    if "mm_vision_tower" in config or "mm_projector_type" in config:
+        return str(convert_original(path, model_base=model_base, template=template))
+    raise LoadError(
+        f"{path} has model_type {config.get('model_type')!r}: not a llava checkpoint. For a plain LLM, assemble one "
+        f"with llava.assemble (vision encoder + projector + this LLM)."
+    )

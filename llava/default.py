@@ -10,14 +10,13 @@ Without trained assets the projector is freshly initialised (the model then only
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import torch
 from transformers import AutoModelForImageTextToText, AutoTokenizer
 
 from llava.assemble import assemble, save_checkpoint
-from llava.config import META_KEY, AssemblySpec, LlavaMeta
+from llava.config import META_KEY, AssemblySpec, LlavaMeta, assets_root
 from llava.images import ImageProcessing
 from llava.buildcache import build_once, cache_dir, digest
 from llava.parts import SHIPPED_LLM, SHIPPED_VISION
@@ -37,7 +36,7 @@ class DefaultModelError(RuntimeError):
 
 
 def assets_dir() -> Path:
-    return Path(os.environ.get("LLAVA_ASSETS", Path(__file__).resolve().parents[1] / "assets")) / "default"
+    return assets_root() / "default"
 
 
 def default_spec() -> AssemblySpec:

@@ -38,6 +38,10 @@ CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 Mode = Literal["pad", "resize", "crop", "anyres"]
+MODES: tuple[str, ...] = ("pad", "resize", "crop", "anyres")
+# Limits on one image a client sends: encoded bytes and decoded pixels (a decompression bomb is refused).
+MAX_IMAGE_BYTES = 20 * 2**20
+MAX_IMAGE_PIXELS = 40_000_000
 
 # Raster formats PIL decodes itself. EPS (runs ghostscript), PDF-like and exotic plugins are refused on purpose.
 SAFE_FORMATS = ("PNG", "JPEG", "MPO", "WEBP", "GIF", "BMP", "TIFF", "ICO", "PPM", "AVIF")
@@ -140,8 +144,8 @@ class ProcessedImage:
 def load_image(
     src: bytes | str | os.PathLike | Image.Image,
     *,
-    max_bytes: int = 20 * 2**20,
-    max_pixels: int = 40_000_000,
+    max_bytes: int = MAX_IMAGE_BYTES,
+    max_pixels: int = MAX_IMAGE_PIXELS,
 ) -> Image.Image:
     """Decode `src` fully into RGB. `str` may be a file path, a `data:` URI or base64 image data.
 
@@ -162,7 +166,7 @@ def _read_bytes(src: bytes | str | os.PathLike, max_bytes: int) -> bytes:
     elif isinstance(src, os.PathLike) or (isinstance(src, str) and os.path.isfile(src)):
         data = _read_file(os.fspath(src), max_bytes)
     elif isinstance(src, str):
-        data = _decode_base64(src, max_bytes, what="string (not an existing file, a data: URI or base64)")
+        data = decode_base64(src, max_bytes, what="string (not an existing file, a data: URI or base64)")
     else:
         raise ImageError(f"cannot load an image from {type(src).__name__}; pass bytes, a path, a str or a PIL image")
     _check_bytes(len(data), max_bytes)
@@ -195,12 +199,14 @@ def _decode_data_uri(uri: str, max_bytes: int) -> bytes:
     if not comma:
         raise ImageError("malformed data: URI (no comma before the data)")
     if header.endswith(";base64"):
-        return _decode_base64(payload, max_bytes, what="data: URI payload")
+        return decode_base64(payload, max_bytes, what="data: URI payload")
     _check_bytes(len(payload) // 3, max_bytes)  # percent-encoding is at most 3 chars per byte
     return urllib.parse.unquote_to_bytes(payload)
 
 
-def _decode_base64(text: str, max_bytes: int, what: str) -> bytes:
+def decode_base64(text: str, max_bytes: int, what: str) -> bytes:
+    """Standard or URL-safe base64, line breaks and missing padding tolerated; ImageError naming `what` when it is
+    not base64 or decodes to more than max_bytes (checked before decoding)."""
     text = "".join(text.split())  # line-wrapped base64 is common
     _check_bytes(len(text) * 3 // 4, max_bytes)  # before allocating the decoded bytes
     altchars = b"-_" if ("-" in text or "_" in text) else None  # URL-safe alphabet

@@ -1,6 +1,6 @@
 """Load any supported checkpoint into one `LoadedModel`: model + tokenizer + template + image processing.
 
-Accepted `path`s:
+Accepted `path`s (resolved by `llava.convert.resolve_path`):
 - `default`: the embedded default model (DINOv2-small + SmolLM2-135M-Instruct + trained pieces in assets/).
 - an HF llava / llava_next / llava_variant folder or hub id (llava-hf/...).
 - an original LLaVA (liuhaotian-format) checkpoint: converted once into an HF folder in the cache.
@@ -19,25 +19,21 @@ from typing import Any, Sequence
 
 import torch
 from transformers import AutoModelForImageTextToText, AutoTokenizer, BitsAndBytesConfig
-from transformers.utils import cached_file
 
 import llava.projector  # noqa: F401  (registers llava_variant with the Auto classes)
+from llava.checkpoint import LoadError, image_processing_from_hf, read_config, resolve_template
 from llava.config import META_KEY, LlavaMeta
+from llava.convert import resolve_path
 from llava.hardware import resolve_dtype
 from llava.quant import QUANTIZATIONS, QuantizationError, quantize_llm
 from llava.images import ImageProcessing, ProcessedImage, load_image, preprocess
-from llava.templates import Rendered, Template, TemplateError, get_template, render
+from llava.templates import Rendered, Template, render
 
-HF_LLAVA_TYPES = ("llava", "llava_next", "llava_variant")
 QUANT_SKIP = ["model.vision_tower", "model.multi_modal_projector", "lm_head"]
 BNB_QUANTIZATIONS = ("8bit", "4bit")
 ALL_QUANTIZATIONS = ("auto", "none", *QUANTIZATIONS, *BNB_QUANTIZATIONS)
 
 logger = logging.getLogger(__name__)
-
-
-class LoadError(ValueError):
-    """The path is not a loadable model, or needs something it was not given (model_base, template)."""
 
 
 @dataclass
@@ -85,20 +81,6 @@ class LoadedModel:
         )
 
 
-def read_config(path: str) -> dict | None:
-    """config.json of a folder or hub id (hub ids resolve from the local HF cache only when offline)."""
-    local = Path(path) / "config.json"
-    if local.is_file():
-        return json.loads(local.read_text())
-    if Path(path).exists():
-        return None
-    try:
-        resolved = cached_file(path, "config.json")
-    except OSError as e:
-        raise LoadError(f"cannot find model {path!r}: not a folder, and the hub id is not available ({e})") from e
-    return json.loads(Path(resolved).read_text())
-
-
 def quantization_config(quantization: str | None, compute_dtype: torch.dtype):
     if quantization is None or quantization in QUANTIZATIONS:
         return None
@@ -127,80 +109,6 @@ def resolve_quantization(quantization: str | None, device: str, meta: LlavaMeta 
     if recorded:
         return recorded, f"auto: the checkpoint records {recorded} as within its quality gate of float32"
     return None, "auto: the checkpoint records no CPU quantization that passed a quality gate"
-
-
-def resolve_template(explicit: str | None, meta: LlavaMeta | None, path: str) -> Template:
-    if explicit:
-        return get_template(explicit)
-    if meta is not None:
-        return get_template(meta.template)
-    from llava.zoo import get_entry  # the zoo knows exact hub ids; never guess from folder names
-
-    try:
-        return get_template(get_entry(path).template)
-    except KeyError:
-        raise TemplateError(
-            f"{path!r} does not record its conversation template; pass template=... (e.g. --template vicuna_v1)"
-        ) from None
-
-
-def image_processing_from_hf(path: str, config: dict) -> ImageProcessing:
-    """Image processing of an HF llava folder without our metadata, from its processor and vision config."""
-    try:
-        pre = json.loads(Path(cached_file(path, "preprocessor_config.json")).read_text())
-    except OSError:
-        pre = {}
-    vision = config.get("vision_config", {})
-    size = vision.get("image_size", 336)
-    strategy = config.get("vision_feature_select_strategy", "default")
-    prefix = 0 if vision.get("model_type") == "siglip_vision_model" else 1
-    if config.get("model_type") == "llava_next":
-        mode = "anyres"
-    elif pre.get("do_pad"):
-        mode = "pad"
-    elif pre.get("do_center_crop", True):
-        mode = "crop"
-    else:
-        mode = "resize"
-    pinpoints = config.get("image_grid_pinpoints")
-    return ImageProcessing(
-        mode=mode, size=size, patch_size=vision.get("patch_size", 14),
-        mean=tuple(pre.get("image_mean", (0.48145466, 0.4578275, 0.40821073))),
-        std=tuple(pre.get("image_std", (0.26862954, 0.26130258, 0.27577711))),
-        num_prefix_tokens=prefix, keep_cls=strategy == "full" and prefix > 0,
-        grid_pinpoints=tuple(tuple(p) for p in pinpoints) if pinpoints and mode == "anyres" else None,
-    )
-
-
-def _is_adapter(path: str) -> bool:
-    return (Path(path) / "adapter_config.json").is_file()
-
-
-def resolve_path(path: str, model_base: str | None, template: str | None = None) -> str:
-    """Turn every accepted input into an HF llava folder (or hub id), converting once where needed."""
-    from llava import convert  # conversion pulls in assembly; only needed for non-HF inputs
-
-    if path == "default":
-        from llava.default import default_model_dir
-
-        return str(default_model_dir())
-    if _is_adapter(path):
-        if model_base is None:
-            raise LoadError(f"{path} is a LoRA adapter: pass model_base (the model it was trained on)")
-        return str(convert.merge_lora(path, model_base, template=template))
-    config = read_config(path)
-    if config is None:
-        if model_base and convert.find_projector_file(path):
-            return str(convert.convert_original(path, model_base=model_base, template=template))
-        raise LoadError(f"{path} has no config.json; is it a model folder?")
-    if config.get("model_type") in HF_LLAVA_TYPES:
-        return path
-    if "mm_vision_tower" in config or "mm_projector_type" in config:
-        return str(convert.convert_original(path, model_base=model_base, template=template))
-    raise LoadError(
-        f"{path} has model_type {config.get('model_type')!r}: not a llava checkpoint. For a plain LLM, assemble one "
-        f"with llava.assemble (vision encoder + projector + this LLM)."
-    )
 
 
 def load_model(

@@ -32,6 +32,10 @@ from llava import kernels
 from llava.quant import Int4Linear, QuantLinear
 
 SUPPORTED_TYPES = ("llama", "mistral", "qwen2")
+# Prefill forwards of at most this many rows use the quantized kernels (they read 4-bit weights once per call);
+# longer ones multiply by the dense prefill copies (measured on a 2-core Xeon, SmolLM2-135M: kernel faster up to
+# 16 rows, dense bf16 faster from 32; bench/results/kernels.txt)
+KERNEL_PREFILL_ROWS = 16
 STATIC_ROPE = ("default", "linear", "llama3", "yarn")
 _T_ALIGN = 64
 
@@ -379,8 +383,14 @@ class LlamaRunner:
 
     # --------------------------------------------------------------------------------------------- compute
 
-    def _rms(self, norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        return F.rms_norm(x.float(), (self.hidden,), norm.weight.float(), self.eps).to(x.dtype)
+    def _rms(self, norm: nn.Module, x: torch.Tensor, weight32: torch.Tensor | None = None) -> torch.Tensor:
+        if self.fused and x.dtype == torch.float32 and weight32 is not None and x.is_contiguous():
+            out = torch.empty_like(x)  # one kernel call (torch's rms_norm is several ops on CPU)
+            kernels.library().llava_add_rmsnorm(x.data_ptr(), None, weight32.data_ptr(), out.data_ptr(), x.shape[0],
+                                                self.hidden, self.eps)
+            return out
+        weight = norm.weight if norm.weight.dtype == x.dtype else norm.weight.to(x.dtype)
+        return F.rms_norm(x, (self.hidden,), weight, self.eps)
 
     def _rope(self, qk: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         """qk [S, heads, D] rotated at positions whose tables are cos/sin [S, 1, D] (transformers' rotate_half)."""
@@ -389,7 +399,7 @@ class LlamaRunner:
         return torch.addcmul(qk * cos, rotated, sin)
 
     def _logits(self, x: torch.Tensor, few: bool) -> torch.Tensor:
-        h = self._rms(self.norm, x)
+        h = self._rms(self.norm, x.contiguous(), self.final_norm_w)
         logits = (self.lm_head.small(h) if few else self.lm_head.large(h)).float()
         logits[:, self.vocab_limit :] = float("-inf")
         logits[:, self.image_token_id] = float("-inf")
@@ -413,17 +423,23 @@ class LlamaRunner:
             spans.append((offset, q, c.start))
             pos.append(torch.arange(c.start, c.start + q, device=self.device))
             offset += q
-        x = torch.cat([c.embeds for c in chunks]).to(self.compute_dtype)  # [S, hidden]
+        # the residual stream in float32 where the fused kernels run (norms there are one call), else in the
+        # weights' dtype; products run in the weights' dtype either way
+        act = torch.float32 if self.fused else self.compute_dtype
+        x = torch.cat([c.embeds for c in chunks]).to(act)  # [S, hidden]
+        # a few rows read the weights once: the quantized kernels beat the dense prefill copies up to ~16-32 rows
+        few = self.quantized and self.fused and x.shape[0] <= KERNEL_PREFILL_ROWS
+        mm = (lambda lin, t: lin.small(t).to(t.dtype)) if few else (lambda lin, t: lin.large(t).to(t.dtype))
         positions = torch.cat(pos)
         cos_t, sin_t = self._rope_tables(int(positions.max()) + 1)
-        cos = cos_t[positions].unsqueeze(1).to(self.compute_dtype)
-        sin = sin_t[positions].unsqueeze(1).to(self.compute_dtype)
+        cos = cos_t[positions].unsqueeze(1).to(act)
+        sin = sin_t[positions].unsqueeze(1).to(act)
         masks = [None if start == 0 else
                  torch.ones(q, start + q, dtype=torch.bool, device=self.device).tril(start)
                  for _, q, start in spans]
         for li, layer in enumerate(self.layers):
-            h = self._rms(layer.attn_norm, x)
-            qkv = layer.qkv.large(h)  # [S, (nq + 2 nkv) hd]
+            h = self._rms(layer.attn_norm, x, layer.attn_norm_w)
+            qkv = mm(layer.qkv, h)  # [S, (nq + 2 nkv) hd]
             qk = self._rope(qkv[:, : (nq + nkv) * hd].reshape(-1, nq + nkv, hd), cos, sin)
             v = qkv[:, (nq + nkv) * hd :].reshape(-1, nkv, hd)
             outs = []
@@ -437,16 +453,16 @@ class LlamaRunner:
                 att = F.scaled_dot_product_attention(query, keys, values, attn_mask=mask, is_causal=mask is None,
                                                      enable_gqa=nq != nkv)
                 outs.append(att[0].transpose(0, 1).reshape(q, nq * hd))
-            x = x + layer.o.large(torch.cat(outs).to(self.compute_dtype))
-            h = self._rms(layer.mlp_norm, x)
-            gu = layer.gate_up.large(h)
-            x = x + layer.down.large(self.act(gu[:, : self.intermediate]) * gu[:, self.intermediate :])
+            x = x + mm(layer.o, torch.cat(outs).to(act))
+            h = self._rms(layer.mlp_norm, x, layer.mlp_norm_w)
+            gu = mm(layer.gate_up, h)
+            x = x + mm(layer.down, self.act(gu[:, : self.intermediate]) * gu[:, self.intermediate :])
         for r, (_, q, start) in zip(rows, spans):
             self._lengths[r] = start + q
         finished = [(c.key, o + q - 1) for c, (o, q, _) in zip(chunks, spans) if c.last]
         if not finished:
             return {}
-        logits = self._logits(x[[i for _, i in finished]], few=False)
+        logits = self._logits(x[[i for _, i in finished]], few=few)
         for key, _ in finished:
             self._make_ready(key)
         return {key: logits[j] for j, (key, _) in enumerate(finished)}
@@ -487,7 +503,7 @@ class LlamaRunner:
                 "h": torch.empty(b, self.hidden, dtype=f32), "qkv": torch.empty(b, (nq + 2 * nkv) * hd, dtype=f32),
                 "att": torch.empty(b, nq * hd, dtype=f32), "gu": torch.empty(b, 2 * self.intermediate, dtype=f32),
                 "act": torch.empty(b, self.intermediate, dtype=f32), "ws": torch.empty(ws, dtype=torch.uint8),
-                "scores": torch.empty(torch.get_num_threads() * self.context_length, dtype=f32),
+                "scores": torch.empty(torch.get_num_threads() * self.context_length * (nq // nkv), dtype=f32),
             }
         return bufs
 
@@ -498,8 +514,8 @@ class LlamaRunner:
         bufs = self._step_buffers(b)
         x = self.embed(tokens).float().contiguous()  # [B, hidden]: the residual stream, updated in place
         threads = torch.get_num_threads()
-        if bufs["scores"].numel() < threads * self.context_length:
-            bufs["scores"] = torch.empty(threads * self.context_length, dtype=torch.float32)
+        if bufs["scores"].numel() < threads * self.context_length * (nq // nkv):
+            bufs["scores"] = torch.empty(threads * self.context_length * (nq // nkv), dtype=torch.float32)
         k_all, v_all = self._k, self._v
         ptr = {name: t.data_ptr() for name, t in bufs.items()}
         lib.llava_q4_decode_layers(

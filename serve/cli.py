@@ -20,10 +20,11 @@ from typing import Protocol
 import httpx
 
 from llava.chat import ChatSession, ChatStateError, image_bytes
-from llava.images import ImageError
+from llava.images import MAX_IMAGE_BYTES, ImageError
 from llava.templates import ImageCountError
-from serve.common import FrameSplitter, add_precision_args, fetch_image_url
+from serve.common import add_precision_args, fetch_image_url, iter_chunks
 from serve.protocol import ErrorCode, SamplingFields, ServeError
+from serve.serving import ServingModel
 
 
 class Backend(Protocol):
@@ -40,8 +41,6 @@ class LocalBackend:
     """The model and the engine in this process."""
 
     def __init__(self, args: argparse.Namespace):
-        from serve.model_worker import ServingModel  # loads torch/transformers only when needed
-
         self.serving = ServingModel.load(
             args.model_path, names=[args.model_name] if args.model_name else None, max_batch_size=1,
             model_base=args.model_base, template=args.template, quantization=args.quantization, device=args.device,
@@ -93,21 +92,17 @@ class RemoteBackend:
             **fields.model_dump(exclude_none=True), "model": self.name, "messages": session.to_messages(),
             "images": [base64.b64encode(b).decode() for b in session.images],
         }
-        splitter = FrameSplitter()
         try:
             with self.client.stream("POST", self.url + "/worker_generate_messages", json=payload) as r:
-                for data in r.iter_raw():
-                    for chunk in splitter.feed(data):
-                        if chunk.get("error_code", 0):
-                            raise ServeError.from_chunk(chunk)
-                        yield chunk.get("delta", "")
+                for chunk in iter_chunks(r.iter_raw()):
+                    yield chunk.get("delta", "")
         except httpx.HTTPError as e:
             raise ServeError(ErrorCode.WORKER_UNREACHABLE, f"{self.url} unreachable: {e!r}") from None
 
 
 def load_image_arg(src: str) -> bytes:
     if src.startswith(("http://", "https://")):
-        return image_bytes(fetch_image_url(src, max_bytes=20 * 2**20, timeout=10.0))
+        return image_bytes(fetch_image_url(src, max_bytes=MAX_IMAGE_BYTES, timeout=10.0))
     if not os.path.isfile(src):
         raise ImageError(f"no such image file: {src}")
     return image_bytes(src)

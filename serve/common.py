@@ -13,16 +13,15 @@ Promises:
 from __future__ import annotations
 
 import argparse
-import base64
-import binascii
 import dataclasses
+import difflib
 import ipaddress
 import json
 import logging
 import socket
 import time
 import urllib.parse
-from collections.abc import Iterable, Iterator
+from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -30,6 +29,7 @@ from fastapi import Request
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ValidationError
 
+from llava.images import ImageError, decode_base64
 from serve.protocol import ErrorCode, ServeError
 
 DEFAULT_ALLOWED_HOSTS = "127.0.0.1,localhost,::1"
@@ -64,12 +64,43 @@ class FrameSplitter:
         return self._buffer
 
 
-def iter_chunks(byte_chunks: Iterable[bytes]) -> Iterator[dict]:
+def _checked(splitter: FrameSplitter, data: bytes, raise_errors: bool) -> list[dict]:
+    try:
+        chunks = splitter.feed(data)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ServeError(ErrorCode.WORKER_UNREACHABLE, f"the stream carried a malformed chunk: {e}") from None
+    if raise_errors:
+        for chunk in chunks:
+            if not isinstance(chunk, dict):
+                raise ServeError(ErrorCode.WORKER_UNREACHABLE, f"the stream carried a non-object chunk: {chunk!r:.100}")
+            if chunk.get("error_code", 0):
+                raise ServeError.from_chunk(chunk)
+    return chunks
+
+
+def _cut(splitter: FrameSplitter) -> None:
+    if splitter.pending.strip():
+        raise ServeError(ErrorCode.WORKER_UNREACHABLE,
+                         f"the stream ended in the middle of a chunk: {splitter.pending[:200]!r}")
+
+
+def iter_chunks(byte_chunks: Iterable[bytes], *, raise_errors: bool = True) -> Iterator[dict]:
+    """The one reader of the NUL-framed chunk stream (sync). An error chunk raises its ServeError (unless
+    raise_errors=False: a relay passes them on); a stream cut inside a chunk or a malformed chunk raises
+    WORKER_UNREACHABLE."""
     splitter = FrameSplitter()
     for data in byte_chunks:
-        yield from splitter.feed(data)
-    if splitter.pending.strip():
-        raise ServeError(ErrorCode.WORKER_UNREACHABLE, "the stream ended in the middle of a chunk")
+        yield from _checked(splitter, data, raise_errors)
+    _cut(splitter)
+
+
+async def aiter_chunks(byte_chunks: AsyncIterable[bytes], *, raise_errors: bool = True) -> AsyncIterator[dict]:
+    """`iter_chunks` for async byte streams (httpx `aiter_raw`)."""
+    splitter = FrameSplitter()
+    async for data in byte_chunks:
+        for chunk in _checked(splitter, data, raise_errors):
+            yield chunk
+    _cut(splitter)
 
 
 def error_response(err: ServeError, *, framed: bool) -> Response:
@@ -109,7 +140,37 @@ def validate(model: type[M], data: Any) -> M:
         raise ServeError(ErrorCode.INVALID_PARAMS, f"invalid request: {describe_validation_error(e)}") from None
 
 
-async def parse_body(request: Request, model: type[M], max_bytes: int = DEFAULT_MAX_BODY_BYTES) -> M:
+def unencodable_text(data: Any, path: str = "") -> str | None:
+    """The path of the first string that UTF-8 cannot encode (a lone surrogate such as "\\ud800", which JSON
+    allows), or None."""
+    if isinstance(data, str):
+        try:
+            data.encode("utf-8")
+        except UnicodeEncodeError:
+            return path or "(body)"
+        return None
+    items = data.items() if isinstance(data, dict) else enumerate(data) if isinstance(data, list) else ()
+    for key, value in items:
+        bad = unencodable_text(value, f"{path}[{key}]" if isinstance(key, int) else f"{path}.{key}" if path else str(key))
+        if bad:
+            return bad
+    return None
+
+
+def check_text(data: Any) -> None:
+    """ServeError(INVALID_PARAMS) naming the field whose text is not valid Unicode."""
+    bad = unencodable_text(data)
+    if bad:
+        raise ServeError(ErrorCode.INVALID_PARAMS,
+                         f"invalid request: {bad} holds an unpaired UTF-16 surrogate (e.g. \\ud800), which is not "
+                         f"valid Unicode text; send well-formed strings")
+
+
+async def parse_body(request: Request, model: type[M], max_bytes: int = DEFAULT_MAX_BODY_BYTES,
+                     on_unknown: Callable[[set[str]], None] | None = None) -> M:
+    """The request body as `model`: 413 past max_bytes, 400 for invalid JSON, text that is not valid Unicode, or a
+    wrong field type or value (named). Fields the model does not know are passed to `on_unknown` (LLaVA's clients
+    send extra ones, e.g. `echo`) when the model allows extras."""
     body = await read_body(request, max_bytes)
     try:
         data = json.loads(body) if body.strip() else None
@@ -117,7 +178,18 @@ async def parse_body(request: Request, model: type[M], max_bytes: int = DEFAULT_
         raise ServeError(ErrorCode.INVALID_JSON, f"request body is not valid JSON: {e}") from None
     if not isinstance(data, dict):
         raise ServeError(ErrorCode.INVALID_JSON, f"request body must be a JSON object, got {type(data).__name__}")
-    return validate(model, data)
+    check_text(data)
+    parsed = validate(model, data)
+    extra = getattr(parsed, "model_extra", None)
+    if extra:
+        for name in extra:  # a misspelt known field is an error, not silently ignored
+            close = difflib.get_close_matches(name, list(model.model_fields), n=1, cutoff=0.8)
+            if close:
+                raise ServeError(ErrorCode.INVALID_PARAMS,
+                                 f"invalid request: unknown field {name!r} (did you mean {close[0]!r}?)")
+        if on_unknown is not None:
+            on_unknown(set(extra))
+    return parsed
 
 
 # ----------------------------------------------------------------------------------------------- allowlist
@@ -193,15 +265,10 @@ def decode_image_payload(payload: str, index: int, max_bytes: int) -> bytes:
             raise ServeError(
                 ErrorCode.BAD_IMAGE, f"image {index}: a data: URI must be base64 (data:image/png;base64,...)"
             )
-    text = "".join(text.split())
-    if len(text) * 3 // 4 > max_bytes:
-        size = len(text) * 3 // 4
-        raise ServeError(ErrorCode.BAD_IMAGE, f"image {index}: {size} bytes exceeds the limit of {max_bytes}")
-    altchars = b"-_" if ("-" in text or "_" in text) else None
     try:
-        return base64.b64decode(text + "=" * (-len(text) % 4), altchars=altchars, validate=True)
-    except (binascii.Error, ValueError) as e:
-        raise ServeError(ErrorCode.BAD_IMAGE, f"image {index}: invalid base64 ({e})") from None
+        return decode_base64(text, max_bytes, "the payload")
+    except ImageError as e:
+        raise ServeError(ErrorCode.BAD_IMAGE, f"image {index}: {e}") from None
 
 
 def fetch_image_url(url: str, *, max_bytes: int, timeout: float) -> bytes:

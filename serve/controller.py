@@ -40,7 +40,7 @@ from fastapi.responses import Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, generate_latest
 
 from serve.common import (
-    DEFAULT_ALLOWED_HOSTS, DEFAULT_MAX_BODY_BYTES, STREAM_MEDIA_TYPE, AddressAllowlist, FrameSplitter, encode_chunk,
+    DEFAULT_ALLOWED_HOSTS, DEFAULT_MAX_BODY_BYTES, STREAM_MEDIA_TYPE, AddressAllowlist, aiter_chunks, encode_chunk,
     error_response, parse_body, read_body, setup_logging,
 )
 from serve.protocol import (
@@ -226,16 +226,16 @@ async def open_upstream(state: ControllerState, endpoint: str, body: bytes, mode
 
 async def relay(state: ControllerState, url: str, upstream: httpx.Response, endpoint: str) -> AsyncIterator[bytes]:
     """Re-frame the worker's stream; if the worker dies mid-stream, end with an error chunk and drop it."""
-    splitter = FrameSplitter()
     outcome = "ok"
     try:
-        async for data in upstream.aiter_raw():
-            for chunk in splitter.feed(data):
-                if chunk.get("error_code", 0):
-                    outcome = "worker_error"
-                yield encode_chunk(chunk)
-        if splitter.pending.strip():
-            raise httpx.RemoteProtocolError("stream ended inside a chunk")
+        async for chunk in aiter_chunks(upstream.aiter_raw(), raise_errors=False):
+            if isinstance(chunk, dict) and chunk.get("error_code", 0):
+                outcome = "worker_error"
+            yield encode_chunk(chunk)
+    except ServeError as e:  # cut inside a chunk, or a malformed one
+        outcome = "worker_died"
+        state.registry.drop(url, f"broke its stream ({e.message})")
+        yield encode_chunk(ServeError(ErrorCode.WORKER_UNREACHABLE, f"worker {url}: {e.message}").to_chunk())
     except httpx.TransportError as e:
         outcome = "worker_died"
         state.registry.drop(url, f"failed mid-stream ({type(e).__name__})")

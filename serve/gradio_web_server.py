@@ -42,10 +42,11 @@ import httpx
 from PIL import Image
 
 from llava.chat import ChatSession, ChatStateError, image_bytes
+from llava.config import assets_root
 from llava.images import ImageError
 from llava.templates import IMAGE_PLACEHOLDER, ImageCountError
-from serve.common import FrameSplitter, setup_logging
-from serve.protocol import ErrorCode, ServeError
+from serve.common import aiter_chunks, setup_logging
+from serve.protocol import DEFAULT_CONTROLLER_URL, ErrorCode, ServeError
 
 logger = setup_logging("serve.gradio_web_server")
 
@@ -57,12 +58,12 @@ DEFAULT_MAX_TOKENS = 512
 
 def demo_dir() -> Path:
     """Shipped example images (assets/demo; LLAVA_ASSETS overrides assets/, as for the default model)."""
-    return Path(os.environ.get("LLAVA_ASSETS", Path(__file__).resolve().parents[1] / "assets")) / "demo"
+    return assets_root() / "demo"
 
 
 @dataclass(frozen=True)
 class WebConfig:
-    controller_url: str = "http://127.0.0.1:21001"
+    controller_url: str = DEFAULT_CONTROLLER_URL
     log_dir: Path = Path("serve_logs")
     log_ip: bool = False
     concurrency_count: int = 16  # events of one kind (e.g. streamed replies) served at once
@@ -224,28 +225,18 @@ class ControllerClient:
     async def stream_messages(self, payload: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
         """Chunks of `/worker_generate_messages`; an error chunk or status is raised as the server's ServeError."""
         timeout = httpx.Timeout(connect=10.0, read=self.timeout, write=60.0, pool=10.0)
-        splitter = FrameSplitter()
         try:
             async with httpx.AsyncClient(timeout=timeout) as client:
                 async with client.stream("POST", self.url + "/worker_generate_messages", json=payload) as r:
-                    async for data in r.aiter_raw():
-                        for chunk in self._checked(splitter.feed(data), r.status_code):
-                            yield chunk
-                    if r.status_code != 200 or splitter.pending.strip():
+                    async for chunk in aiter_chunks(r.aiter_raw()):
+                        if r.status_code != 200:  # an error status always carries an error chunk; be safe
+                            raise ServeError.from_chunk(chunk)
+                        yield chunk
+                    if r.status_code != 200:
                         raise ServeError(ErrorCode.WORKER_UNREACHABLE,
-                                         f"the controller answered HTTP {r.status_code} with an unreadable body: "
-                                         f"{splitter.pending[:300]!r}")
+                                         f"the controller answered HTTP {r.status_code} with an empty body")
         except httpx.HTTPError as e:
             raise self._unreachable("generating", e) from None
-        except json.JSONDecodeError as e:
-            raise ServeError(ErrorCode.WORKER_UNREACHABLE, f"the controller sent a malformed chunk: {e}") from None
-
-    @staticmethod
-    def _checked(chunks: list[dict], status: int) -> list[dict]:
-        for chunk in chunks:
-            if chunk.get("error_code", 0) or status != 200:
-                raise ServeError.from_chunk(chunk)
-        return chunks
 
 
 # ----------------------------------------------------------------------------------------------- handlers
@@ -456,7 +447,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="LLaVA web chat (gradio) in front of a controller")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=7860)
-    p.add_argument("--controller-url", default="http://127.0.0.1:21001")
+    p.add_argument("--controller-url", default=DEFAULT_CONTROLLER_URL)
     p.add_argument("--log-dir", default="serve_logs", help="conversation/vote JSONL logs and saved images")
     p.add_argument("--log-ip", action="store_true", help="record the client IP in the logs (off by default)")
     p.add_argument("--concurrency-count", type=int, default=16, help="replies streamed at once")

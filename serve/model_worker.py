@@ -25,7 +25,7 @@ The worker registers with the controller in the background and keeps a heartbeat
 seconds; when the controller answers that it does not know the worker (it restarted), the worker registers again at
 once. A controller that is down is retried, so start order does not matter.
 
-`ServingModel` (prepare + submit, no HTTP) is also what `serve.cli` uses in-process.
+The HTTP-free part (`ServingModel`: prepare + submit) is `serve.serving`, which `serve.cli` uses in-process.
 """
 
 from __future__ import annotations
@@ -34,9 +34,8 @@ import argparse
 import asyncio
 import contextlib
 import logging
-import time
-from collections.abc import AsyncIterator, Sequence
-from dataclasses import dataclass, field, replace
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
 
 import httpx
 import torch
@@ -46,180 +45,16 @@ from fastapi.responses import Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 from llava.config import EngineConfig
-from llava.engine import Engine, GenerationRequest, InvalidRequestError, PromptTooLongError, RequestHandle
-from llava.images import ImageError, ProcessedImage, load_image
-from llava.loading import LoadedModel, LoadError, load_model
-from llava.sampling import InvalidSamplingParamsError, SamplingParams
-from llava.templates import IMAGE_PLACEHOLDER, ImageCountError, TemplateError, normalize_messages, stop_token_ids
+from llava.engine import RequestHandle
+from llava.images import MAX_IMAGE_BYTES, MAX_IMAGE_PIXELS, MODES
 from serve.common import (
     DEFAULT_MAX_BODY_BYTES, STREAM_MEDIA_TYPE, add_engine_args, add_precision_args, decode_image_payload,
     encode_chunk, engine_config_from_args, error_response, parse_body, setup_logging,
 )
-from serve.protocol import (
-    ErrorCode, GenerateMessagesRequest, GenerateStreamRequest, SamplingFields, ServeError, Usage,
-)
+from serve.protocol import DEFAULT_CONTROLLER_URL, ErrorCode, GenerateMessagesRequest, GenerateStreamRequest, ServeError, Usage
+from serve.serving import ImageLimits, Prepared, ServingModel, is_out_of_memory
 
 logger = setup_logging("serve.model_worker")
-
-GREEDY_BELOW = 0.001  # LLaVA: sampling only when temperature > 0.001
-
-
-@dataclass(frozen=True)
-class ImageLimits:
-    max_images: int = 8
-    max_bytes: int = 20 * 2**20
-    max_pixels: int = 40_000_000
-
-
-@dataclass
-class Prepared:
-    """A request ready for the engine."""
-
-    input_ids: list[int]
-    images: list[ProcessedImage]
-    sampling: SamplingParams
-
-    @property
-    def image_tokens(self) -> int:
-        return sum(im.num_tokens for im in self.images)
-
-
-def is_out_of_memory(message: str) -> bool:
-    return "out of memory" in message.lower() or "OutOfMemoryError" in message
-
-
-class ServingModel:
-    """A loaded model + its engine; turns requests into engine submissions, with errors as `ServeError`s."""
-
-    def __init__(self, loaded: LoadedModel, engine: Engine, names: Sequence[str], limits: ImageLimits = ImageLimits()):
-        self.loaded = loaded
-        self.engine = engine
-        self.names = list(names)
-        self.limits = limits
-
-    @classmethod
-    def load(cls, path: str, *, names: Sequence[str] | None = None, max_batch_size: int = 16,
-             limits: ImageLimits = ImageLimits(), engine_config: EngineConfig | None = None,
-             **load_kwargs) -> ServingModel:
-        loaded = load_model(path, **load_kwargs)
-        config = replace(engine_config or EngineConfig(), max_batch_size=max_batch_size)
-        engine = Engine(
-            loaded.model, loaded.tokenizer, eos_token_ids=stop_token_ids(loaded.template, loaded.tokenizer),
-            config=config, context_length=loaded.context_length,
-        )
-        logger.info("serving %s: %s; runner %s", loaded.name, loaded.precision_reason, engine.runner_name)
-        return cls(loaded, engine, names or [loaded.name], limits)
-
-    def warm_up(self) -> float:
-        """Run one short request through the engine (kernels, buffers, first-call costs) before serving; seconds."""
-        t0 = time.perf_counter()
-        ids = self.loaded.render([{"role": "user", "content": "Hi"}]).input_ids
-        self.engine.submit(GenerationRequest(ids, [], SamplingParams(max_new_tokens=2, ignore_eos=True))).result(300)
-        return time.perf_counter() - t0
-
-    # -- preparing
-
-    def sampling(self, f: SamplingFields) -> SamplingParams:
-        stops = [f.stop] if isinstance(f.stop, str) else list(f.stop or [])
-        stops += [s for s in self.loaded.template.stop_strings if s not in stops]
-        try:
-            return SamplingParams(
-                max_new_tokens=f.max_new_tokens,
-                temperature=0.0 if 0 <= f.temperature <= GREEDY_BELOW else f.temperature,
-                top_p=f.top_p, top_k=f.top_k, repetition_penalty=f.repetition_penalty, seed=f.seed,
-                stop=tuple(stops),
-            )
-        except InvalidSamplingParamsError as e:
-            raise ServeError(ErrorCode.INVALID_PARAMS, str(e)) from None
-
-    def process_images(self, images: Sequence[bytes], image_mode: str | None) -> list[ProcessedImage]:
-        if len(images) > self.limits.max_images:
-            raise ServeError(
-                ErrorCode.TOO_MANY_IMAGES,
-                f"{len(images)} images in one request; this worker allows at most {self.limits.max_images}",
-            )
-        decoded = []
-        for i, data in enumerate(images):
-            try:
-                decoded.append(load_image(data, max_bytes=self.limits.max_bytes, max_pixels=self.limits.max_pixels))
-            except ImageError as e:
-                raise ServeError(ErrorCode.BAD_IMAGE, f"image {i}: {e}") from None
-        try:
-            return self.loaded.process_images(decoded, image_mode=image_mode)
-        except LoadError as e:
-            raise ServeError(ErrorCode.INVALID_PARAMS, str(e)) from None
-        except ImageError as e:
-            raise ServeError(ErrorCode.BAD_IMAGE, str(e)) from None
-
-    def tokenize_prompt(self, prompt: str, images: Sequence[ProcessedImage]) -> list[int]:
-        """Ids of an already templated prompt, each `<image>` token repeated for its image's token count."""
-        bos = self.loaded.template.bos
-        text = prompt if not bos or prompt.startswith(bos) else bos + prompt
-        ids = list(self.loaded.tokenizer(text, add_special_tokens=False)["input_ids"])
-        image_id = self.loaded.image_token_id
-        positions = [i for i, t in enumerate(ids) if t == image_id]
-        if len(positions) != len(images):
-            raise ServeError(
-                ErrorCode.IMAGE_COUNT_MISMATCH,
-                f"the prompt has {len(positions)} {IMAGE_PLACEHOLDER} token(s) but {len(images)} image(s) were sent",
-            )
-        out: list[int] = []
-        prev = 0
-        for pos, im in zip(positions, images):
-            out += ids[prev:pos] + [image_id] * im.num_tokens
-            prev = pos + 1
-        return out + ids[prev:]
-
-    def prepare_prompt(self, req: GenerateStreamRequest, images: Sequence[bytes]) -> Prepared:
-        """The LLaVA raw-prompt path."""
-        if not req.prompt.replace(IMAGE_PLACEHOLDER, "").strip() and not images:
-            raise ServeError(ErrorCode.EMPTY_PROMPT, "the prompt is empty")
-        markers = req.prompt.count(IMAGE_PLACEHOLDER)
-        if markers != len(images):
-            raise ServeError(
-                ErrorCode.IMAGE_COUNT_MISMATCH,
-                f"the prompt has {markers} {IMAGE_PLACEHOLDER} marker(s) but {len(images)} image(s) were sent",
-            )
-        sampling = self.sampling(req)
-        processed = self.process_images(images, req.image_mode)
-        return Prepared(self.tokenize_prompt(req.prompt, processed), processed, sampling)
-
-    def prepare_messages(self, messages: list[dict], images: Sequence[bytes], fields: SamplingFields) -> Prepared:
-        """The structured path: messages rendered with the model's own template."""
-        try:
-            normalize_messages(messages)
-        except TemplateError as e:
-            raise ServeError(ErrorCode.INVALID_PARAMS, f"invalid messages: {e}") from None
-        if messages[-1]["role"] != "user":
-            raise ServeError(ErrorCode.INVALID_PARAMS, "invalid messages: the last message must be from the user")
-        if not messages[-1]["content"].strip():
-            raise ServeError(ErrorCode.EMPTY_PROMPT, "the last user message is empty (no text and no image)")
-        markers = sum(m["content"].count(IMAGE_PLACEHOLDER) for m in messages)
-        if markers != len(images):
-            raise ServeError(
-                ErrorCode.IMAGE_COUNT_MISMATCH,
-                f"the messages have {markers} {IMAGE_PLACEHOLDER} marker(s) but {len(images)} image(s) were sent",
-            )
-        sampling = self.sampling(fields)
-        processed = self.process_images(images, fields.image_mode)
-        try:
-            rendered = self.loaded.render(messages, processed, add_generation_prompt=True)
-        except ImageCountError as e:
-            raise ServeError(ErrorCode.IMAGE_COUNT_MISMATCH, str(e)) from None
-        except TemplateError as e:
-            raise ServeError(ErrorCode.INVALID_PARAMS, f"cannot render the messages: {e}") from None
-        return Prepared(rendered.input_ids, processed, sampling)
-
-    def submit(self, prepared: Prepared) -> RequestHandle:
-        try:
-            return self.engine.submit(GenerationRequest(prepared.input_ids, prepared.images, prepared.sampling))
-        except PromptTooLongError as e:
-            raise ServeError(ErrorCode.PROMPT_TOO_LONG, str(e)) from None
-        except InvalidRequestError as e:
-            raise ServeError(ErrorCode.INVALID_PARAMS, str(e)) from None
-        except torch.OutOfMemoryError as e:
-            raise ServeError(ErrorCode.OUT_OF_MEMORY, f"out of memory while queueing the request: {e}") from None
-
 
 # ----------------------------------------------------------------------------------------------- HTTP layer
 
@@ -235,7 +70,7 @@ class WorkerConfig:
     device: str = "cpu"
     dtype: str | None = "auto"
     worker_address: str = "http://127.0.0.1:21002"
-    controller_address: str = "http://127.0.0.1:21001"
+    controller_address: str = DEFAULT_CONTROLLER_URL
     register: bool = True
     heart_beat_interval: float = 15.0
     max_batch_size: int = 16
@@ -268,6 +103,14 @@ class WorkerState:
     client: httpx.AsyncClient
     active: set[RequestHandle] = field(default_factory=set)
     tasks: list[asyncio.Task] = field(default_factory=list)
+    ignored_fields: set[str] = field(default_factory=set)
+
+    def note_unknown(self, names: set[str]) -> None:
+        """Unknown request fields are ignored (as LLaVA's worker does); each name is logged once."""
+        new = names - self.ignored_fields
+        if new:
+            self.ignored_fields |= new
+            logger.info("ignoring request field(s) this worker does not know: %s", ", ".join(sorted(new)))
 
     @property
     def in_flight(self) -> int:
@@ -355,7 +198,7 @@ async def generate(state: WorkerState, request: Request, endpoint: str) -> Respo
         if state.in_flight >= state.config.max_batch_size + state.config.max_queue:
             raise ServeError(ErrorCode.OVERLOADED, f"worker queue is full ({state.in_flight} requests in flight)")
         model = GenerateStreamRequest if endpoint == "/worker_generate_stream" else GenerateMessagesRequest
-        req = await parse_body(request, model, state.config.max_body_bytes)
+        req = await parse_body(request, model, state.config.max_body_bytes, on_unknown=state.note_unknown)
         if req.model is not None and req.model not in state.serving.names:
             raise ServeError(ErrorCode.UNKNOWN_MODEL, f"this worker serves {state.serving.names}, not {req.model!r}")
         images = [decode_image_payload(p, i, state.config.limits.max_bytes) for i, p in enumerate(req.images)]
@@ -462,12 +305,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=21002)
     p.add_argument("--worker-address", default=None, help="URL the controller uses to reach this worker "
                    "(default http://HOST:PORT)")
-    p.add_argument("--controller-address", default="http://127.0.0.1:21001")
+    p.add_argument("--controller-address", default=DEFAULT_CONTROLLER_URL)
     p.add_argument("--model-path", required=True, help="default | HF folder/hub id | original | projector/LoRA folder")
     p.add_argument("--model-base", default=None, help="base model for projector-only or LoRA checkpoints")
     p.add_argument("--model-name", default=None, help="name clients ask for (default: the folder name)")
     p.add_argument("--template", default=None, help="conversation template when the checkpoint does not record one")
-    p.add_argument("--image-mode", default=None, choices=["pad", "resize", "crop", "anyres"])
+    p.add_argument("--image-mode", default=None, choices=list(MODES))
     p.add_argument("--device", default="cpu")
     p.add_argument("--num-threads", type=int, default=None,
                    help="torch CPU threads (default: torch's choice); use 1-2 per worker when several share a host")
@@ -479,8 +322,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--heart-beat-interval", type=float, default=15.0)
     p.add_argument("--max-body-bytes", type=int, default=DEFAULT_MAX_BODY_BYTES)
     p.add_argument("--max-images", type=int, default=8)
-    p.add_argument("--max-image-bytes", type=int, default=20 * 2**20)
-    p.add_argument("--max-image-pixels", type=int, default=40_000_000)
+    p.add_argument("--max-image-bytes", type=int, default=MAX_IMAGE_BYTES)
+    p.add_argument("--max-image-pixels", type=int, default=MAX_IMAGE_PIXELS)
     p.add_argument("--no-warm-up", action="store_true", help="skip the warm-up request before registering")
     add_engine_args(p)
     return p

@@ -36,12 +36,16 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
-from serve.common import DEFAULT_MAX_BODY_BYTES, FrameSplitter, fetch_image_url, parse_body, setup_logging
-from serve.protocol import ErrorCode, ServeError
+from llava.images import MAX_IMAGE_BYTES
+from llava.templates import IMAGE_PLACEHOLDER
+from serve.common import (
+    DEFAULT_MAX_BODY_BYTES, FRAME_DELIMITER, aiter_chunks, fetch_image_url, iter_chunks, parse_body, setup_logging,
+)
+from serve.protocol import DEFAULT_CONTROLLER_URL, ErrorCode, ServeError
 
 logger = setup_logging("serve.openai_api_server")
 
-IMAGE_MARKER = "<image>"  # the marker the worker's renderer expands (llava.templates.IMAGE_PLACEHOLDER)
+IMAGE_MARKER = IMAGE_PLACEHOLDER  # the marker the worker's renderer expands
 
 
 # ----------------------------------------------------------------------------------------------- schemas
@@ -92,10 +96,10 @@ class ChatCompletionRequest(BaseModel):
 
 @dataclass
 class OpenAIConfig:
-    controller_address: str = "http://127.0.0.1:21001"
+    controller_address: str = DEFAULT_CONTROLLER_URL
     api_keys: frozenset[str] = frozenset()
     allow_image_urls: bool = False
-    image_url_max_bytes: int = 20 * 2**20
+    image_url_max_bytes: int = MAX_IMAGE_BYTES
     image_url_timeout: float = 10.0
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
     default_max_tokens: int = 256
@@ -205,8 +209,8 @@ async def open_generation(state: OpenAIState, payload: dict) -> httpx.Response:
 
 def error_from_body(body: bytes, status: int) -> ServeError:
     try:
-        chunks = FrameSplitter().feed(body + b"\0")
-    except ValueError:  # not our framing (e.g. a proxy's HTML error page)
+        chunks = list(iter_chunks([body + FRAME_DELIMITER], raise_errors=False))
+    except ServeError:  # not our framing (e.g. a proxy's HTML error page)
         chunks = []
     if chunks and isinstance(chunks[0], dict) and chunks[0].get("error_code"):
         return ServeError.from_chunk(chunks[0])
@@ -215,13 +219,9 @@ def error_from_body(body: bytes, status: int) -> ServeError:
 
 async def upstream_chunks(upstream: httpx.Response) -> AsyncIterator[dict]:
     """The worker's chunks; an error chunk raises ServeError; a cut connection raises WORKER_UNREACHABLE."""
-    splitter = FrameSplitter()
     try:
-        async for data in upstream.aiter_raw():
-            for chunk in splitter.feed(data):
-                if chunk.get("error_code", 0):
-                    raise ServeError.from_chunk(chunk)
-                yield chunk
+        async for chunk in aiter_chunks(upstream.aiter_raw()):
+            yield chunk
     except httpx.TransportError as e:
         raise ServeError(ErrorCode.WORKER_UNREACHABLE, f"the connection to the controller broke: {e!r}") from None
     finally:
@@ -339,7 +339,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="OpenAI-compatible API over the LLaVA controller")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--controller-address", default="http://127.0.0.1:21001")
+    p.add_argument("--controller-address", default=DEFAULT_CONTROLLER_URL)
     p.add_argument("--api-keys", default="", help="comma-separated keys; empty = no authentication")
     p.add_argument("--allow-image-urls", action="store_true", help="fetch http(s) image_url parts")
     p.add_argument("--image-url-max-bytes", type=int, default=20 * 2**20)

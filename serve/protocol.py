@@ -26,6 +26,9 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 
+DEFAULT_CONTROLLER_URL = "http://127.0.0.1:21001"  # LLaVA's controller port, on loopback
+
+
 class ErrorCode(IntEnum):
     """Stable error codes. HTTP status: `ERROR_STATUS[code]`."""
 
@@ -133,9 +136,11 @@ class GetWorkerAddressRequest(BaseModel):
 
 
 class SamplingFields(BaseModel):
-    """Sampling fields of both generate endpoints. LLaVA defaults: temperature 1.0 (greedy when <= 0.001)."""
+    """Sampling fields of both generate endpoints. LLaVA defaults: temperature 1.0 (greedy when <= 0.001).
+    Unknown fields are accepted and ignored, as the original worker does (its clients send e.g. `echo`); the
+    worker logs each unknown name once. Known fields of a wrong type or value are still 400s naming the field."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="allow")
 
     model: str | None = None
     temperature: float = 1.0

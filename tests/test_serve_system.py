@@ -295,6 +295,12 @@ def test_openai_errors(cluster):
         client.chat.completions.create(model=MODEL, messages=bad, stream=True)
     with pytest.raises(openai.BadRequestError, match="temperature"):
         client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}], temperature=-1)
+    # JSON may carry a lone surrogate (the SDK cannot even encode one; raw clients can): a 400 naming the field
+    for stream in (False, True):
+        body = json.dumps({"model": MODEL, "stream": stream, "messages": [{"role": "user", "content": "hi \ud800"}]})
+        r = httpx.post(url + "/chat/completions", content=body, timeout=30,
+                       headers={"content-type": "application/json", "authorization": f"Bearer {API_KEY}"})
+        assert r.status_code == 400 and "messages[0].content" in r.json()["error"]["message"], r.text
 
 
 @pytest.fixture
@@ -399,7 +405,10 @@ BAD_INPUTS = {
                             400, 41, "max_new_tokens"),
     "top_p_above_one": (lambda: greedy({"prompt": chatml_prompt("q")}, top_p=1.5), 400, 41, "top_p"),
     "wrong_type": (lambda: greedy({"prompt": chatml_prompt("q")}, max_new_tokens="many"), 400, 41, "max_new_tokens"),
-    "unknown_field": (lambda: greedy({"prompt": chatml_prompt("q")}, temprature=0.5), 400, 41, "temprature"),
+    "misspelt_field": (lambda: greedy({"prompt": chatml_prompt("q")}, temprature=0.5), 400, 41, "did you mean"),
+    "lone_surrogate_prompt": (lambda: greedy({"prompt": chatml_prompt("q \ud800")}), 400, 41, "'prompt' holds"),
+    "lone_surrogate_stop": (lambda: greedy({"prompt": chatml_prompt("q")}, stop=["\udfff"]), 400, 41,
+                            "'stop[0]' holds"),
     "unknown_model": (lambda: greedy({"prompt": chatml_prompt("q")}, model="llava-13b"), 404, 47, "llava-13b"),
     "invalid_json": (lambda: b'{"model": "tiny", "prompt": ', 400, 40, "not valid JSON"),
     "prompt_too_long": (lambda: greedy({"prompt": chatml_prompt("the color " * 400, 1), "images": [b64(png())]}),
@@ -420,12 +429,24 @@ def test_bad_input_is_a_clear_4xx_and_the_worker_keeps_serving(cluster, ctl, cas
     assert len(workers(ctl)) == 2
 
 
+def test_fields_of_llava_clients_are_accepted_and_ignored(cluster, ctl):
+    # the original's clients send fields this worker does not use (e.g. echo); the original ignores them too
+    payload = greedy({"prompt": chatml_prompt("hello"), "echo": False, "stop_str": None, "images": []})
+    for url in (ctl, cluster.procs["worker0"].url):
+        status, chunks = stream_chunks(url + "/worker_generate_stream", payload)
+        assert status == 200 and chunks[-1]["error_code"] == 0 and chunks[-1]["finish_reason"], chunks[-1:]
+    log = cluster.procs["worker0"].log.read_text()
+    assert log.count("ignoring request field(s) this worker does not know: echo, stop_str") == 1  # logged once
+
+
 def test_bad_messages(ctl):
     url = ctl + "/worker_generate_messages"
     expect_error(url, greedy({"messages": [{"role": "assistant", "content": "hi"}]}), 400, 41, "alternate")
     expect_error(url, greedy({"messages": [{"role": "user", "content": " "}]}), 400, 45, "empty")
     expect_error(url, greedy({"messages": [{"role": "robot", "content": "hi"}]}), 400, 41, "role")
     expect_error(url, greedy({"messages": [{"role": "user", "content": "<image>\nhi"}]}), 400, 43, "1 <image> marker")
+    expect_error(url, greedy({"messages": [{"role": "user", "content": "hi \ud83d"}]}), 400, 41,
+                 "'messages[0].content' holds")
 
 
 # ----------------------------------------------------------------------------------------------- CLI

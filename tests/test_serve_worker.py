@@ -8,7 +8,7 @@ import pytest
 from PIL import Image
 
 from llava.templates import render_text
-from serve.model_worker import ImageLimits, ServingModel, is_out_of_memory
+from serve.serving import ImageLimits, ServingModel, is_out_of_memory
 from serve.protocol import ErrorCode, GenerateStreamRequest, SamplingFields, ServeError
 
 

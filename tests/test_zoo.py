@@ -126,9 +126,9 @@ def test_hf_config_fields(name, tmp_path):
 
 @pytest.mark.parametrize("name", NAMES)
 def test_loading_code_accepts_entry(name, tmp_path):
-    """What llava.loading does with a llava-hf folder: read config.json, pick the class through the Auto API,
-    and take the template from the zoo by exact hub id (the hub itself is never contacted)."""
-    loading = pytest.importorskip("llava.loading")
+    """What loading does with a llava-hf folder: read config.json (llava.checkpoint), pick the class through the
+    Auto API, and take the template from the zoo by exact hub id (the hub itself is never contacted)."""
+    loading = pytest.importorskip("llava.checkpoint")
     entry = get_entry(name)
     entry.hf_config().save_pretrained(tmp_path)
     config = loading.read_config(str(tmp_path))

@@ -22,7 +22,8 @@
 
 #define GS 32
 #define RB 16
-#define MB 4
+#define MB 4 /* rows of x per pass, AVX2 (16 registers) */
+#define MB512 8 /* rows of x per pass, AVX512 (32 registers) */
 #define AVX2 __attribute__((target("avx2,fma,f16c")))
 #define AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")))
 
@@ -35,24 +36,26 @@ AVX2 static inline float hsum256(__m256 v) {
 }
 
 /* x [M, K] -> int8 codes xq [M, K], scales dx [M, G] and xs [M, G] = dx * (sum of the group's codes). */
+static inline void quantize_group(const float* xg, int8_t* out, float* d_out, float* s_out) {
+    float amax = 0.f;
+    for (int i = 0; i < GS; i++) amax = fmaxf(amax, fabsf(xg[i]));
+    const float d = amax / 127.f, inv = d > 0.f ? 1.f / d : 0.f;
+    int sum = 0;
+    for (int i = 0; i < GS; i++) {
+        const int v = (int)lrintf(xg[i] * inv);
+        out[i] = (int8_t)v;
+        sum += v;
+    }
+    *d_out = d;
+    *s_out = d * (float)sum;
+}
+
+/* Worksharing (call inside a parallel region, or alone): each (row, group) is independent. */
 static void quantize_rows(const float* x, int8_t* xq, float* dx, float* xs, int64_t M, int64_t K) {
     const int64_t G = K / GS;
-    for (int64_t m = 0; m < M; m++)
-        for (int64_t g = 0; g < G; g++) {
-            const float* xg = x + m * K + g * GS;
-            float amax = 0.f;
-            for (int i = 0; i < GS; i++) amax = fmaxf(amax, fabsf(xg[i]));
-            const float d = amax / 127.f, inv = d > 0.f ? 1.f / d : 0.f;
-            int sum = 0;
-            int8_t* out = xq + m * K + g * GS;
-            for (int i = 0; i < GS; i++) {
-                const int v = (int)lrintf(xg[i] * inv);
-                out[i] = (int8_t)v;
-                sum += v;
-            }
-            dx[m * G + g] = d;
-            xs[m * G + g] = d * (float)sum;
-        }
+    #pragma omp for schedule(static)
+    for (int64_t mg = 0; mg < M * G; mg++)
+        quantize_group(x + mg * GS, xq + mg * GS, dx + mg, xs + mg);
 }
 
 static inline int32_t load4(const int8_t* p) { int32_t v; memcpy(&v, p, 4); return v; }
@@ -97,12 +100,12 @@ AVX2 static inline __attribute__((always_inline)) void block_avx2(const uint8_t*
 AVX512 static inline __attribute__((always_inline)) void block_avx512(const uint8_t* wb, const uint16_t* szb, const int8_t* xq, const float* dx,
                                 const float* xs, int64_t K, int64_t G, int mb, float* acc) {
     const __m512i m4 = _mm512_set1_epi8(0x0F);
-    __m512 accf[MB];
-    for (int m = 0; m < MB; m++) accf[m] = _mm512_setzero_ps();
+    __m512 accf[MB512];
+    for (int m = 0; m < MB512; m++) accf[m] = _mm512_setzero_ps();
     for (int64_t g = 0; g < G; g++) {
         const uint8_t* wg = wb + g * 256;
-        __m512i acci[MB];
-        for (int m = 0; m < MB; m++) acci[m] = _mm512_setzero_si512();
+        __m512i acci[MB512];
+        for (int m = 0; m < MB512; m++) acci[m] = _mm512_setzero_si512();
         for (int q = 0; q < 4; q++) {
             const __m512i v = _mm512_loadu_si512((const void*)(wg + q * 64));
             const __m512i lo = _mm512_and_si512(v, m4);
@@ -142,7 +145,11 @@ AVX512 static void block_avx512_n(const uint8_t* wb, const uint16_t* szb, const 
         case 1: block_avx512(wb, szb, xq, dx, xs, K, G, 1, acc); break;
         case 2: block_avx512(wb, szb, xq, dx, xs, K, G, 2, acc); break;
         case 3: block_avx512(wb, szb, xq, dx, xs, K, G, 3, acc); break;
-        default: block_avx512(wb, szb, xq, dx, xs, K, G, 4, acc); break;
+        case 4: block_avx512(wb, szb, xq, dx, xs, K, G, 4, acc); break;
+        case 5: block_avx512(wb, szb, xq, dx, xs, K, G, 5, acc); break;
+        case 6: block_avx512(wb, szb, xq, dx, xs, K, G, 6, acc); break;
+        case 7: block_avx512(wb, szb, xq, dx, xs, K, G, 7, acc); break;
+        default: block_avx512(wb, szb, xq, dx, xs, K, G, 8, acc); break;
     }
 }
 
@@ -183,43 +190,54 @@ int64_t llava_q4_scratch_bytes(int64_t M, int64_t K, int64_t PR) {
     return (int64_t)sizeof(float) * (2 * M * (K / GS) + M * (PR > 0 ? PR : 1)) + M * K + 64;
 }
 
-/* Serial part: quantize the activations, project them on the low-rank input side. */
-AVX2 static void q4_prepare(const q4_matrix* A, const float* x, int64_t M, q4_scratch s) {
+/* Worksharing part: quantize the activations. */
+static void q4_prepare(const q4_matrix* A, const float* x, int64_t M, q4_scratch s) {
+    quantize_rows(x, s.xq, s.dx, s.xs, M, A->K);
+}
+
+/* Worksharing part: project the activations on the low-rank input side (t [M, P R]). */
+AVX2 static void q4_project(const q4_matrix* A, const float* x, int64_t M, q4_scratch s) {
     const int64_t K = A->K, PR = A->R > 0 ? A->P * A->R : 0;
-    quantize_rows(x, s.xq, s.dx, s.xs, M, K);
-    for (int64_t m = 0; m < M; m++)
-        for (int64_t j = 0; j < PR; j++) {
-            const float* xm = x + m * K;
-            const float* vj = A->lv + j * K;
-            float a = 0.f;
-            #pragma omp simd reduction(+:a)
-            for (int64_t k = 0; k < K; k++) a += xm[k] * vj[k];
-            s.t[m * PR + j] = a;
-        }
+    #pragma omp for schedule(static)
+    for (int64_t mj = 0; mj < M * PR; mj++) {
+        const float* xm = x + (mj / PR) * K;
+        const float* vj = A->lv + (mj % PR) * K;
+        float a = 0.f;
+        #pragma omp simd reduction(+:a)
+        for (int64_t k = 0; k < K; k++) a += xm[k] * vj[k];
+        s.t[mj] = a;
+    }
 }
 
 /* Worksharing part (call inside a parallel region, or alone): y[M, N] (=, or += with accumulate) x @ W^T. */
 AVX2 static void q4_blocks(const q4_matrix* A, int64_t M, q4_scratch s, float* y, int accumulate, int isa) {
     const int64_t K = A->K, N = A->N, R = A->R, P = A->P;
     const int64_t G = K / GS, NB = (N + RB - 1) / RB, PR = R > 0 ? P * R : 0;
+    const int64_t step = isa == 1 ? MB512 : MB;
     #pragma omp for schedule(static)
     for (int64_t b = 0; b < NB; b++) {
-        float acc[MB * RB];
+        float acc[MB512 * RB];
         const uint8_t* wb = A->w + b * G * 256;
         const uint16_t* szb = A->sz + b * G * 32;
         int64_t part = 0;
         while (R > 0 && part + 1 < P && b * RB >= A->part_end[part]) part++;
-        for (int64_t m0 = 0; m0 < M; m0 += MB) {
-            const int mb = (int)(M - m0 < MB ? M - m0 : MB);
+        for (int64_t m0 = 0; m0 < M; m0 += step) {
+            const int mb = (int)(M - m0 < step ? M - m0 : step);
             if (isa == 1) block_avx512_n(wb, szb, s.xq + m0 * K, s.dx + m0 * G, s.xs + m0 * G, K, G, mb, acc);
             else block_avx2_n(wb, szb, s.xq + m0 * K, s.dx + m0 * G, s.xs + m0 * G, K, G, mb, acc);
             for (int m = 0; m < mb; m++) {
                 float* am = acc + m * RB;
                 const float* tm = s.t + (m0 + m) * PR + part * R;
-                for (int64_t j = 0; j < R; j++) {
-                    const float* uj = A->lu + (b * R + j) * RB;
-                    const float tj = tm[j];
-                    for (int r = 0; r < RB; r++) am[r] += uj[r] * tj;
+                if (R > 0) {  /* the 16 rows' low-rank terms, 8 lanes at a time */
+                    __m256 a0 = _mm256_loadu_ps(am), a1 = _mm256_loadu_ps(am + 8);
+                    const float* ub = A->lu + b * R * RB;
+                    for (int64_t j = 0; j < R; j++) {
+                        const __m256 tj = _mm256_set1_ps(tm[j]);
+                        a0 = _mm256_fmadd_ps(_mm256_loadu_ps(ub + j * RB), tj, a0);
+                        a1 = _mm256_fmadd_ps(_mm256_loadu_ps(ub + j * RB + 8), tj, a1);
+                    }
+                    _mm256_storeu_ps(am, a0);
+                    _mm256_storeu_ps(am + 8, a1);
                 }
                 float* ym = y + (m0 + m) * N;
                 const int64_t n0 = b * RB;
@@ -239,9 +257,12 @@ AVX2 void llava_q4_gemm(const uint8_t* w, const uint16_t* sz, const float* bias,
                         int64_t N, int64_t K, void* ws, int isa, int nthreads) {
     const q4_matrix A = { w, sz, bias, lu, lv, part_end, R, P, N, K };
     const q4_scratch s = carve(ws, M, K, R > 0 ? P * R : 0);
-    q4_prepare(&A, x, M, s);
     #pragma omp parallel num_threads(nthreads)
-    q4_blocks(&A, M, s, y, 0, isa);
+    {
+        q4_prepare(&A, x, M, s);
+        q4_project(&A, x, M, s);
+        q4_blocks(&A, M, s, y, 0, isa);
+    }
 }
 
 /* ------------------------------------------------------------------------------------------------------------
@@ -366,6 +387,44 @@ AVX2 static void attend(const float* q, const void* K, const void* V, int kv_bf1
     }
 }
 
+/* The G query heads q [G, D] that share one cached KV head, in one pass over its keys and one over its values
+   (G = nq / nkv; D a multiple of 8). p: G * T floats of scratch; out [G, D]. */
+AVX2 static void attend_group(const float* q, const void* K, const void* V, int kv_bf16, int64_t base, int64_t T,
+                              int64_t D, int64_t G, float scale, float* p, float* out) {
+    if (D % 8) {
+        for (int64_t g = 0; g < G; g++) attend(q + g * D, K, V, kv_bf16, base, T, D, scale, p, out + g * D);
+        return;
+    }
+    for (int64_t t = 0; t < T; t++) {
+        const int64_t off = base + t * D;
+        for (int64_t g = 0; g < G; g++) {
+            __m256 acc = _mm256_setzero_ps();
+            for (int64_t d = 0; d < D; d += 8)
+                acc = _mm256_fmadd_ps(_mm256_loadu_ps(q + g * D + d), load8_kv(K, off + d, kv_bf16), acc);
+            p[g * T + t] = hsum256(acc) * scale;
+        }
+    }
+    for (int64_t g = 0; g < G; g++) {
+        float* pg = p + g * T;
+        float mx = -INFINITY, sum = 0.f;
+        for (int64_t t = 0; t < T; t++) mx = pg[t] > mx ? pg[t] : mx;
+        for (int64_t t = 0; t < T; t++) { pg[t] = expf(pg[t] - mx); sum += pg[t]; }
+        const float inv = 1.f / sum;
+        for (int64_t t = 0; t < T; t++) pg[t] *= inv;
+        for (int64_t d = 0; d < D; d++) out[g * D + d] = 0.f;
+    }
+    for (int64_t t = 0; t < T; t++) {
+        const int64_t off = base + t * D;
+        for (int64_t d = 0; d < D; d += 8) {
+            const __m256 v = load8_kv(V, off + d, kv_bf16);
+            for (int64_t g = 0; g < G; g++) {
+                float* o = out + g * D + d;
+                _mm256_storeu_ps(o, _mm256_fmadd_ps(_mm256_set1_ps(p[g * T + t]), v, _mm256_loadu_ps(o)));
+            }
+        }
+    }
+}
+
 /* One decode position per row b: write k_new/v_new [B, nkv, D] at position pos[b] of the row's cache, then
    out[b, h] = softmax(q[b, h] . K[b, h/G, :pos[b]+1] * scale) V[b, h/G, :pos[b]+1] for each of the nq query heads
    (G = nq / nkv query heads share a KV head). q rows have stride q_stride (floats); K/V: [rows, nkv, T, D] at
@@ -414,7 +473,7 @@ static void rmsnorm_rows(const float* x, const float* w, float* out, int64_t M, 
 
 /* x [B, H]: the residual stream, updated in place. Scratch (float32): h [B, H], qkv [B, (nq + 2 nkv) D],
    att [B, nq D], gu [B, 2 I], act [B, I]; ws: llava_q4_scratch_bytes for the largest K and P R of the layer;
-   scores: nthreads * tmax floats (tmax >= pos[b] + 1). cos/sin [B, D]. */
+   scores: nthreads * tmax * (nq / nkv) floats (tmax >= pos[b] + 1). cos/sin [B, D]. */
 AVX2 void llava_q4_decode_layer(const q4_layer* L, float* x, int64_t B, int64_t H, int64_t nq, int64_t nkv,
                                 int64_t D, int64_t I, float eps, const float* cos, const float* sin,
                                 const int64_t* pos, void* K, void* V, int kv_bf16, int64_t row_stride,
@@ -425,12 +484,11 @@ AVX2 void llava_q4_decode_layer(const q4_layer* L, float* x, int64_t B, int64_t 
     #pragma omp parallel num_threads(nthreads)
     {
         q4_scratch s;
-        #pragma omp single copyprivate(s)
-        {
-            rmsnorm_rows(x, L->attn_norm, h, B, H, eps);
-            s = carve(ws, B, L->qkv.K, L->qkv.R > 0 ? L->qkv.P * L->qkv.R : 0);
-            q4_prepare(&L->qkv, h, B, s);
-        }
+        #pragma omp single
+        rmsnorm_rows(x, L->attn_norm, h, B, H, eps);
+        s = carve(ws, B, L->qkv.K, L->qkv.R > 0 ? L->qkv.P * L->qkv.R : 0);
+        q4_prepare(&L->qkv, h, B, s);
+        q4_project(&L->qkv, h, B, s);
         q4_blocks(&L->qkv, B, s, qkv, 0, isa);
         #pragma omp single
         {
@@ -448,24 +506,21 @@ AVX2 void llava_q4_decode_layer(const q4_layer* L, float* x, int64_t B, int64_t 
                 }
             write_kv(qkv + nq * D, qkv + (nq + nkv) * D, W, K, V, kv_bf16, row_stride, head_stride, pos, B, nkv, D);
         }
-        float* p = scores + (int64_t)omp_get_thread_num() * tmax;
+        float* p = scores + (int64_t)omp_get_thread_num() * tmax * G;
         #pragma omp for collapse(2) schedule(static)
         for (int64_t b = 0; b < B; b++)
-            for (int64_t hq = 0; hq < nq; hq++)
-                attend(qkv + b * W + hq * D, K, V, kv_bf16, b * row_stride + (hq / G) * head_stride, pos[b] + 1, D,
-                       scale, p, att + (b * nq + hq) * D);
-        #pragma omp single copyprivate(s)
-        {
-            s = carve(ws, B, L->o.K, L->o.R > 0 ? L->o.P * L->o.R : 0);
-            q4_prepare(&L->o, att, B, s);
-        }
+            for (int64_t kh = 0; kh < nkv; kh++)
+                attend_group(qkv + b * W + kh * G * D, K, V, kv_bf16, b * row_stride + kh * head_stride, pos[b] + 1,
+                             D, G, scale, p, att + (b * nq + kh * G) * D);
+        s = carve(ws, B, L->o.K, L->o.R > 0 ? L->o.P * L->o.R : 0);
+        q4_prepare(&L->o, att, B, s);
+        q4_project(&L->o, att, B, s);
         q4_blocks(&L->o, B, s, x, 1, isa);
-        #pragma omp single copyprivate(s)
-        {
-            rmsnorm_rows(x, L->mlp_norm, h, B, H, eps);
-            s = carve(ws, B, L->gate_up.K, L->gate_up.R > 0 ? L->gate_up.P * L->gate_up.R : 0);
-            q4_prepare(&L->gate_up, h, B, s);
-        }
+        #pragma omp single
+        rmsnorm_rows(x, L->mlp_norm, h, B, H, eps);
+        s = carve(ws, B, L->gate_up.K, L->gate_up.R > 0 ? L->gate_up.P * L->gate_up.R : 0);
+        q4_prepare(&L->gate_up, h, B, s);
+        q4_project(&L->gate_up, h, B, s);
         q4_blocks(&L->gate_up, B, s, gu, 0, isa);
         #pragma omp for schedule(static)
         for (int64_t bi = 0; bi < B * I; bi++) {
@@ -473,11 +528,9 @@ AVX2 void llava_q4_decode_layer(const q4_layer* L, float* x, int64_t B, int64_t 
             const float g = gu[b * 2 * I + i];
             act[bi] = g / (1.f + expf(-g)) * gu[b * 2 * I + I + i];
         }
-        #pragma omp single copyprivate(s)
-        {
-            s = carve(ws, B, L->down.K, L->down.R > 0 ? L->down.P * L->down.R : 0);
-            q4_prepare(&L->down, act, B, s);
-        }
+        s = carve(ws, B, L->down.K, L->down.R > 0 ? L->down.P * L->down.R : 0);
+        q4_prepare(&L->down, act, B, s);
+        q4_project(&L->down, act, B, s);
         q4_blocks(&L->down, B, s, x, 1, isa);
     }
 }

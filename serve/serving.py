@@ -1,0 +1,182 @@
+"""The HTTP-free serving model: a loaded model + its engine, turning protocol requests (templated prompt with
+`<image>` markers, or messages) into engine submissions, with every failure a `ServeError` naming its cause.
+The model worker wraps it in HTTP; the CLI uses it in-process.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+
+import torch
+
+from llava.config import EngineConfig
+from llava.engine import Engine, GenerationRequest, InvalidRequestError, PromptTooLongError, RequestHandle
+from llava.images import MAX_IMAGE_BYTES, MAX_IMAGE_PIXELS, ImageError, ProcessedImage, load_image
+from llava.loading import LoadedModel, LoadError, load_model
+from llava.sampling import InvalidSamplingParamsError, SamplingParams
+from llava.templates import IMAGE_PLACEHOLDER, ImageCountError, TemplateError, normalize_messages, stop_token_ids
+from serve.protocol import ErrorCode, GenerateStreamRequest, SamplingFields, ServeError
+
+logger = logging.getLogger(__name__)
+
+GREEDY_BELOW = 0.001  # LLaVA: sampling only when temperature > 0.001
+
+
+@dataclass(frozen=True)
+class ImageLimits:
+    max_images: int = 8
+    max_bytes: int = MAX_IMAGE_BYTES
+    max_pixels: int = MAX_IMAGE_PIXELS
+
+
+@dataclass
+class Prepared:
+    """A request ready for the engine."""
+
+    input_ids: list[int]
+    images: list[ProcessedImage]
+    sampling: SamplingParams
+
+    @property
+    def image_tokens(self) -> int:
+        return sum(im.num_tokens for im in self.images)
+
+
+def is_out_of_memory(message: str) -> bool:
+    return "out of memory" in message.lower() or "OutOfMemoryError" in message
+
+
+class ServingModel:
+    """A loaded model + its engine; turns requests into engine submissions, with errors as `ServeError`s."""
+
+    def __init__(self, loaded: LoadedModel, engine: Engine, names: Sequence[str], limits: ImageLimits = ImageLimits()):
+        self.loaded = loaded
+        self.engine = engine
+        self.names = list(names)
+        self.limits = limits
+
+    @classmethod
+    def load(cls, path: str, *, names: Sequence[str] | None = None, max_batch_size: int = 16,
+             limits: ImageLimits = ImageLimits(), engine_config: EngineConfig | None = None,
+             **load_kwargs) -> ServingModel:
+        loaded = load_model(path, **load_kwargs)
+        config = replace(engine_config or EngineConfig(), max_batch_size=max_batch_size)
+        engine = Engine(
+            loaded.model, loaded.tokenizer, eos_token_ids=stop_token_ids(loaded.template, loaded.tokenizer),
+            config=config, context_length=loaded.context_length,
+        )
+        logger.info("serving %s: %s; runner %s", loaded.name, loaded.precision_reason, engine.runner_name)
+        return cls(loaded, engine, names or [loaded.name], limits)
+
+    def warm_up(self) -> float:
+        """Run one short request through the engine (kernels, buffers, first-call costs) before serving; seconds."""
+        t0 = time.perf_counter()
+        ids = self.loaded.render([{"role": "user", "content": "Hi"}]).input_ids
+        self.engine.submit(GenerationRequest(ids, [], SamplingParams(max_new_tokens=2, ignore_eos=True))).result(300)
+        return time.perf_counter() - t0
+
+    # -- preparing
+
+    def sampling(self, f: SamplingFields) -> SamplingParams:
+        stops = [f.stop] if isinstance(f.stop, str) else list(f.stop or [])
+        stops += [s for s in self.loaded.template.stop_strings if s not in stops]
+        try:
+            return SamplingParams(
+                max_new_tokens=f.max_new_tokens,
+                temperature=0.0 if 0 <= f.temperature <= GREEDY_BELOW else f.temperature,
+                top_p=f.top_p, top_k=f.top_k, repetition_penalty=f.repetition_penalty, seed=f.seed,
+                stop=tuple(stops),
+            )
+        except InvalidSamplingParamsError as e:
+            raise ServeError(ErrorCode.INVALID_PARAMS, str(e)) from None
+
+    def process_images(self, images: Sequence[bytes], image_mode: str | None) -> list[ProcessedImage]:
+        if len(images) > self.limits.max_images:
+            raise ServeError(
+                ErrorCode.TOO_MANY_IMAGES,
+                f"{len(images)} images in one request; this worker allows at most {self.limits.max_images}",
+            )
+        decoded = []
+        for i, data in enumerate(images):
+            try:
+                decoded.append(load_image(data, max_bytes=self.limits.max_bytes, max_pixels=self.limits.max_pixels))
+            except ImageError as e:
+                raise ServeError(ErrorCode.BAD_IMAGE, f"image {i}: {e}") from None
+        try:
+            return self.loaded.process_images(decoded, image_mode=image_mode)
+        except LoadError as e:
+            raise ServeError(ErrorCode.INVALID_PARAMS, str(e)) from None
+        except ImageError as e:
+            raise ServeError(ErrorCode.BAD_IMAGE, str(e)) from None
+
+    def tokenize_prompt(self, prompt: str, images: Sequence[ProcessedImage]) -> list[int]:
+        """Ids of an already templated prompt, each `<image>` token repeated for its image's token count."""
+        bos = self.loaded.template.bos
+        text = prompt if not bos or prompt.startswith(bos) else bos + prompt
+        ids = list(self.loaded.tokenizer(text, add_special_tokens=False)["input_ids"])
+        image_id = self.loaded.image_token_id
+        positions = [i for i, t in enumerate(ids) if t == image_id]
+        if len(positions) != len(images):
+            raise ServeError(
+                ErrorCode.IMAGE_COUNT_MISMATCH,
+                f"the prompt has {len(positions)} {IMAGE_PLACEHOLDER} token(s) but {len(images)} image(s) were sent",
+            )
+        out: list[int] = []
+        prev = 0
+        for pos, im in zip(positions, images):
+            out += ids[prev:pos] + [image_id] * im.num_tokens
+            prev = pos + 1
+        return out + ids[prev:]
+
+    def prepare_prompt(self, req: GenerateStreamRequest, images: Sequence[bytes]) -> Prepared:
+        """The LLaVA raw-prompt path."""
+        if not req.prompt.replace(IMAGE_PLACEHOLDER, "").strip() and not images:
+            raise ServeError(ErrorCode.EMPTY_PROMPT, "the prompt is empty")
+        markers = req.prompt.count(IMAGE_PLACEHOLDER)
+        if markers != len(images):
+            raise ServeError(
+                ErrorCode.IMAGE_COUNT_MISMATCH,
+                f"the prompt has {markers} {IMAGE_PLACEHOLDER} marker(s) but {len(images)} image(s) were sent",
+            )
+        sampling = self.sampling(req)
+        processed = self.process_images(images, req.image_mode)
+        return Prepared(self.tokenize_prompt(req.prompt, processed), processed, sampling)
+
+    def prepare_messages(self, messages: list[dict], images: Sequence[bytes], fields: SamplingFields) -> Prepared:
+        """The structured path: messages rendered with the model's own template."""
+        try:
+            normalize_messages(messages)
+        except TemplateError as e:
+            raise ServeError(ErrorCode.INVALID_PARAMS, f"invalid messages: {e}") from None
+        if messages[-1]["role"] != "user":
+            raise ServeError(ErrorCode.INVALID_PARAMS, "invalid messages: the last message must be from the user")
+        if not messages[-1]["content"].strip():
+            raise ServeError(ErrorCode.EMPTY_PROMPT, "the last user message is empty (no text and no image)")
+        markers = sum(m["content"].count(IMAGE_PLACEHOLDER) for m in messages)
+        if markers != len(images):
+            raise ServeError(
+                ErrorCode.IMAGE_COUNT_MISMATCH,
+                f"the messages have {markers} {IMAGE_PLACEHOLDER} marker(s) but {len(images)} image(s) were sent",
+            )
+        sampling = self.sampling(fields)
+        processed = self.process_images(images, fields.image_mode)
+        try:
+            rendered = self.loaded.render(messages, processed, add_generation_prompt=True)
+        except ImageCountError as e:
+            raise ServeError(ErrorCode.IMAGE_COUNT_MISMATCH, str(e)) from None
+        except TemplateError as e:
+            raise ServeError(ErrorCode.INVALID_PARAMS, f"cannot render the messages: {e}") from None
+        return Prepared(rendered.input_ids, processed, sampling)
+
+    def submit(self, prepared: Prepared) -> RequestHandle:
+        try:
+            return self.engine.submit(GenerationRequest(prepared.input_ids, prepared.images, prepared.sampling))
+        except PromptTooLongError as e:
+            raise ServeError(ErrorCode.PROMPT_TOO_LONG, str(e)) from None
+        except InvalidRequestError as e:
+            raise ServeError(ErrorCode.INVALID_PARAMS, str(e)) from None
+        except torch.OutOfMemoryError as e:
+            raise ServeError(ErrorCode.OUT_OF_MEMORY, f"out of memory while queueing the request: {e}") from None
