@@ -175,7 +175,7 @@ def _read_bytes(src: bytes | str | os.PathLike, max_bytes: int) -> bytes:
 
 def _check_bytes(n: int, max_bytes: int) -> None:
     if n > max_bytes:
-        raise ImageError(f"image too large: {n} bytes > max_bytes {max_bytes}")
+        raise ImageError(f"image too large: {n} bytes exceeds the limit of {max_bytes}")
 
 
 def _check_pixels(size: tuple[int, int], max_pixels: int) -> None:

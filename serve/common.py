@@ -162,7 +162,7 @@ def check_text(data: Any) -> None:
     bad = unencodable_text(data)
     if bad:
         raise ServeError(ErrorCode.INVALID_PARAMS,
-                         f"invalid request: {bad} holds an unpaired UTF-16 surrogate (e.g. \\ud800), which is not "
+                         f"invalid request: field {bad!r} holds an unpaired UTF-16 surrogate (e.g. \\ud800), which is not "
                          f"valid Unicode text; send well-formed strings")
 
 
