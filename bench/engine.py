@@ -18,6 +18,7 @@ bench/results/engine-<mode>.json; the last printed line is a one-line JSON summa
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import os
 import statistics
@@ -74,7 +75,7 @@ def quick_setup() -> Setup:
     """A small random LLaVA: CLIP-style tower (64 px, patch 8 -> 64 image tokens) + a 4-layer Llama."""
     from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
 
-    from llava.tiny import make_tiny_tokenizer
+    from llava.testing import make_tiny_tokenizer
 
     tok = make_tiny_tokenizer()
     torch.manual_seed(0)
@@ -236,19 +237,27 @@ def baseline_worker(setup: Setup, requests: list[tuple[list[int], list[Processed
 
 
 def engine_streams(engine: Engine, requests, n: int) -> tuple[float, list[StreamTiming]]:
-    """All requests submitted at once, each consumed on its own thread. Wall seconds and per-stream timings."""
-    timings: list[StreamTiming | None] = [None] * len(requests)
+    """All requests submitted at once and consumed as a worker does: one asyncio loop follows every stream (the
+    model worker's HTTP handlers are coroutines of one event loop). Wall seconds and per-stream timings."""
 
-    def run(i, ids, images):
-        t_submit = time.perf_counter()
-        timings[i] = consume(engine.submit(GenerationRequest(ids, images, fixed_length(n))), t_submit)
+    async def follow(handle, t_submit: float) -> StreamTiming:
+        stamps = []
+        async for ev in handle:
+            if ev.token_id is not None:
+                stamps.append(time.perf_counter())
+        if not stamps:
+            raise RuntimeError(f"request finished without tokens: {handle.result()}")
+        return StreamTiming(len(stamps), stamps[0] - t_submit, list(np.diff(stamps)), stamps[-1])
 
-    threads = [threading.Thread(target=run, args=(i, *r)) for i, r in enumerate(requests)]
+    async def run_all() -> list[StreamTiming]:
+        jobs = []
+        for ids, images in requests:
+            t_submit = time.perf_counter()
+            jobs.append(follow(engine.submit(GenerationRequest(ids, images, fixed_length(n))), t_submit))
+        return list(await asyncio.gather(*jobs))
+
     t0 = time.perf_counter()
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    timings = asyncio.run(run_all())
     return time.perf_counter() - t0, timings
 
 

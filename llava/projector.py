@@ -87,8 +87,3 @@ class LlavaVariantForConditionalGeneration(LlavaForConditionalGeneration):
 
 AutoConfig.register("llava_variant", LlavaVariantConfig, exist_ok=True)
 AutoModelForImageTextToText.register(LlavaVariantConfig, LlavaVariantForConditionalGeneration, exist_ok=True)
-
-
-def projector_type_of(config) -> str:
-    """The projector type a loaded config describes (standard Llava configs are mlp2x_gelu)."""
-    return getattr(config, "projector_type", STANDARD_PROJECTOR)

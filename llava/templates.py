@@ -98,7 +98,7 @@ def _resolve(template: Template | str) -> Template:
 
 
 def _builtin_templates() -> tuple[Template, ...]:
-    """The shipped templates; strings follow the original LLaVA (see /work/shared/REFERENCE.md)."""
+    """The shipped templates; strings follow the original LLaVA (conversation.py of haotian-liu/LLaVA v1.2.2)."""
     vicuna = dict(
         bos="<s>", system_suffix=" ", user_prefix="USER: ", user_suffix=" ",
         assistant_prefix="ASSISTANT:", reply_lead=" ", assistant_suffix="</s>", stop_strings=("</s>",),

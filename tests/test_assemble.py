@@ -11,7 +11,7 @@ from llava.assemble import AssemblyError, assemble
 from llava.config import AssemblySpec
 from llava.loading import LoadError, load_model
 from llava.projector import LlavaVariantForConditionalGeneration, ProjectorError, projector_depth
-from llava.tiny import make_tiny_llava, make_tiny_llm_dir, make_tiny_vision_dir
+from llava.testing import make_tiny_llava, make_tiny_llm_dir, make_tiny_vision_dir
 
 
 def _image(seed: int = 0, size=(20, 12)) -> Image.Image:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from test_web import DEMO, REPO, Stack
+from conftest import DEMO, REPO, Stack
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = [
@@ -110,7 +110,7 @@ def browser_available():
 
 @pytest.fixture
 def tiny_stack(tmp_path):
-    from llava.tiny import make_tiny_llava
+    from llava.testing import make_tiny_llava
 
     s = Stack(make_tiny_llava(tmp_path / "tiny"), tmp_path, "tiny")
     try:

@@ -10,7 +10,7 @@ from PIL import Image
 from llava.chat import ChatSession, ChatStateError, image_bytes
 from llava.images import ImageError
 from llava.templates import ImageCountError, TemplateError, render, render_text
-from llava.tiny import make_tiny_tokenizer
+from llava.testing import make_tiny_tokenizer
 
 
 def png(color=(255, 0, 0)) -> bytes:

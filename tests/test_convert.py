@@ -11,42 +11,10 @@ from transformers import AutoModelForCausalLM, CLIPVisionModel
 
 from llava.convert import ConversionError
 from llava.loading import LoadError, load_model
-from llava.tiny import make_tiny_llava, make_tiny_llm_dir, make_tiny_vision_dir
+from llava.testing import make_tiny_llava, make_tiny_llm_dir, make_tiny_vision_dir
 from llava.weights import WeightsError, read_file
 
-
-def _original_checkpoint(root, *, projector_only=False, weights_format="bin"):
-    """A tiny checkpoint laid out as the original LLaVA repository saves one."""
-    vision = make_tiny_vision_dir(root / "clip")
-    llm_dir = make_tiny_llm_dir(root / "vicuna")
-    llm = AutoModelForCausalLM.from_pretrained(llm_dir)
-    config = json.loads((llm_dir / "config.json").read_text())
-    config.update(
-        model_type="llava_llama", architectures=["LlavaLlamaForCausalLM"], mm_vision_tower=str(vision),
-        mm_projector_type="mlp2x_gelu", mm_hidden_size=32, mm_vision_select_layer=-2,
-        mm_vision_select_feature="patch", image_aspect_ratio="pad", mm_use_im_start_end=False,
-        mm_patch_merge_type="flat", tune_mm_mlp_adapter=projector_only,
-    )
-    torch.manual_seed(1)
-    projector = {
-        "model.mm_projector.0.weight": torch.randn(64, 32) * 0.1, "model.mm_projector.0.bias": torch.randn(64) * 0.1,
-        "model.mm_projector.2.weight": torch.randn(64, 64) * 0.1, "model.mm_projector.2.bias": torch.randn(64) * 0.1,
-    }
-    out = root / "llava-v1.5-tiny"
-    out.mkdir()
-    (out / "config.json").write_text(json.dumps(config))
-    if projector_only:
-        save_file(projector, out / "mm_projector.safetensors")
-    else:
-        state = {**llm.state_dict(), **projector}
-        if weights_format == "bin":
-            torch.save(state, out / "pytorch_model.bin")
-        else:
-            save_file({k: v.contiguous() for k, v in state.items()}, out / "model.safetensors")
-        for f in llm_dir.iterdir():
-            if f.name.startswith(("tokenizer", "special_tokens")):
-                (out / f.name).write_bytes(f.read_bytes())
-    return out, vision, llm_dir, llm, projector
+from conftest import original_checkpoint
 
 
 def _reference_logits(vision_dir, llm, projector, ids, image_positions, pixel_values):
@@ -75,7 +43,7 @@ def _run(lm, image):
 @pytest.mark.parametrize("weights_format", ["bin", "safetensors"])
 def test_original_checkpoint_converts_to_the_same_function(tmp_path, weights_format, monkeypatch):
     monkeypatch.setenv("LLAVA_CACHE", str(tmp_path / "cache"))
-    path, vision, _, llm, projector = _original_checkpoint(tmp_path, weights_format=weights_format)
+    path, vision, _, llm, projector = original_checkpoint(tmp_path, weights_format=weights_format)
     with pytest.raises(ConversionError, match="template"):
         load_model(str(path), dtype="float32")
     lm = load_model(str(path), template="vicuna_v1", dtype="float32")
@@ -93,7 +61,7 @@ def test_original_checkpoint_converts_to_the_same_function(tmp_path, weights_for
 
 def test_projector_only_plus_base(tmp_path, monkeypatch):
     monkeypatch.setenv("LLAVA_CACHE", str(tmp_path / "cache"))
-    path, vision, llm_dir, llm, projector = _original_checkpoint(tmp_path, projector_only=True)
+    path, vision, llm_dir, llm, projector = original_checkpoint(tmp_path, projector_only=True)
     with pytest.raises(ConversionError, match="model_base"):
         load_model(str(path), template="vicuna_v1", dtype="float32")
     lm = load_model(str(path), model_base=str(llm_dir), template="vicuna_v1", dtype="float32")
@@ -106,7 +74,7 @@ def test_projector_only_plus_base(tmp_path, monkeypatch):
 
 def test_original_lora_plus_base_merges(tmp_path, monkeypatch):
     monkeypatch.setenv("LLAVA_CACHE", str(tmp_path / "cache"))
-    path, vision, llm_dir, llm, projector = _original_checkpoint(tmp_path, projector_only=True)
+    path, vision, llm_dir, llm, projector = original_checkpoint(tmp_path, projector_only=True)
     torch.manual_seed(2)
     peft_model = get_peft_model(llm, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
     adapter = tmp_path / "llava-lora"

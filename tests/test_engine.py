@@ -35,7 +35,7 @@ from llava.sampling import (
     apply_repetition_penalty,
     make_generator,
 )
-from llava.tiny import make_tiny_tokenizer
+from llava.testing import make_tiny_tokenizer
 
 IMAGE_SIZE, PATCH = 32, 8
 IMAGE_TOKENS = (IMAGE_SIZE // PATCH) ** 2  # "default" strategy drops CLS: 16 tokens

@@ -36,7 +36,7 @@ from llava.images import (
     preprocess,
     select_best_resolution,
 )
-from llava.tiny import make_tiny_tokenizer
+from llava.testing import make_tiny_tokenizer
 
 PINPOINTS = ((32, 64), (64, 32), (64, 64), (96, 32), (32, 96))
 ANYRES = ImageProcessing(mode="anyres", size=32, patch_size=8, grid_pinpoints=PINPOINTS)

@@ -151,7 +151,7 @@ def test_fused_linears_equal_their_parts_and_parts_keep_working(kind):
 
 def test_quantize_llm_replaces_llm_linears_only_and_reports_bytes(tmp_path):
     from llava.loading import load_model
-    from llava.tiny import make_tiny_llava
+    from llava.testing import make_tiny_llava
 
     lm = load_model(str(make_tiny_llava(tmp_path)), dtype="float32")
     x = torch.randint(5, 50, (1, 6))
@@ -168,7 +168,7 @@ def test_quantize_llm_replaces_llm_linears_only_and_reports_bytes(tmp_path):
 
 def test_quantization_errors_name_the_cause(tmp_path):
     from llava.loading import LoadError, load_model
-    from llava.tiny import make_tiny_llava
+    from llava.testing import make_tiny_llava
 
     path = str(make_tiny_llava(tmp_path))
     with pytest.raises(LoadError, match="valid: auto, none, int8, int4, 8bit, 4bit"):

@@ -14,7 +14,7 @@ from llava import kernels
 from llava.engine import Engine, GenerationRequest, SamplingParams, UnsupportedModelError
 from llava.quant import quantize_llm
 from llava.runner import Chunk, LlamaRunner
-from llava.tiny import make_tiny_tokenizer
+from llava.testing import make_tiny_tokenizer
 
 VOCAB = 400
 

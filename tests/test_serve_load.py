@@ -18,7 +18,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from serve.common import FrameSplitter
-from test_serve_system import MODEL, b64, png, start_cluster, workers
+from conftest import MODEL, b64, png, start_cluster, workers
 
 SESSIONS = 32
 TURNS = 5

@@ -20,7 +20,7 @@ def png(color=(255, 0, 0)) -> bytes:
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
-    from llava.tiny import make_tiny_llava
+    from llava.testing import make_tiny_llava
 
     return make_tiny_llava(tmp_path_factory.mktemp("worker") / "tiny")
 

@@ -27,7 +27,7 @@ from llava.templates import (
     stop_token_ids,
     to_jinja,
 )
-from llava.tiny import SPECIAL_TOKENS, make_tiny_tokenizer
+from llava.testing import SPECIAL_TOKENS, make_tiny_tokenizer
 
 ALL_NAMES = ["vicuna_v1", "llava_v1", "llava_llama_2", "mistral_instruct", "chatml_direct", "llama3", "plain"]
 

@@ -12,7 +12,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from llava.templates import IGNORE_INDEX
-from llava.tiny import make_tiny_llava
+from llava.testing import make_tiny_llava
 from train.data import Collator, DatasetError, LlavaDataset, ModalityLengthSampler, check_row
 from train.evaluate import Item, normalize, score
 from train.train import ConfigError, TrainConfig, run

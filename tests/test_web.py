@@ -19,76 +19,12 @@ import pytest
 
 from serve.common import free_port
 
-REPO = Path(__file__).resolve().parents[1]
-DEMO = REPO / "assets" / "demo"
-ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "GRADIO_ANALYTICS_ENABLED": "False", "TOKENIZERS_PARALLELISM": "false"}
-
-
-# ----------------------------------------------------------------------------------------------- helpers
-
-
-def spawn(args: list[str], log: Path) -> subprocess.Popen:
-    out = open(log, "wb")
-    return subprocess.Popen([sys.executable, "-m", *args], cwd=REPO, env=ENV, stdout=out, stderr=subprocess.STDOUT)
-
-
-def wait_for(probe, what: str, procs: list[subprocess.Popen], logs: list[Path], timeout: float = 120.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            if probe():
-                return
-        except httpx.HTTPError:
-            pass
-        for p, log in zip(procs, logs):
-            if p.poll() is not None:
-                raise RuntimeError(f"{p.args} exited with {p.returncode} waiting for {what}:\n{log.read_text()[-3000:]}")
-        time.sleep(0.25)
-    raise TimeoutError(f"{what} not ready after {timeout} s")
-
-
-class Stack:
-    """controller + one worker + web UI as processes; `url` is the web UI."""
-
-    def __init__(self, model_dir: Path, tmp: Path, model_name: str, log_ip: bool = False):
-        self.model_name = model_name
-        self.log_dir = tmp / "weblogs"
-        cport, wport, gport = free_port(), free_port(), free_port()
-        self.controller = f"http://127.0.0.1:{cport}"
-        self.url = f"http://127.0.0.1:{gport}/"
-        self.logs = [tmp / "controller.log", tmp / "worker.log", tmp / "web.log"]
-        web = ["serve.gradio_web_server", "--controller-url", self.controller, "--port", str(gport),
-               "--log-dir", str(self.log_dir)] + (["--log-ip"] if log_ip else [])
-        self.procs = [spawn(["serve.controller", "--port", str(cport)], self.logs[0])]
-        self.procs.append(spawn(["serve.model_worker", "--model-path", str(model_dir), "--model-name", model_name,
-                                 "--port", str(wport), "--controller-address", self.controller,
-                                 "--heart-beat-interval", "2"], self.logs[1]))
-        self.procs.append(spawn(web, self.logs[2]))
-
-    def wait_ready(self, timeout: float) -> None:
-        def registered() -> bool:
-            return self.model_name in httpx.post(self.controller + "/list_models", timeout=2).json()["models"]
-
-        wait_for(registered, "worker registration", self.procs, self.logs, timeout)
-        wait_for(lambda: httpx.get(self.url, timeout=2).status_code == 200, "web UI", self.procs, self.logs, timeout)
-
-    def close(self) -> None:
-        for p in reversed(self.procs):
-            p.terminate()
-        for p in self.procs:
-            try:
-                p.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait()
-
-    def log_events(self) -> list[dict]:
-        return [json.loads(line) for f in sorted(self.log_dir.glob("*-conv.jsonl")) for line in f.read_text().splitlines()]
+from conftest import DEMO, ENV, REPO, Stack, spawn, wait_for  # noqa: E402  (shared with test_browser)
 
 
 @pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory) -> Path:
-    from llava.tiny import make_tiny_llava
+    from llava.testing import make_tiny_llava
 
     return make_tiny_llava(tmp_path_factory.mktemp("tiny"))
 

@@ -1,4 +1,4 @@
-"""Tiny random parts for tests and quick benchmarks: a byte-level BPE tokenizer trained offline, and
+"""Tiny random parts for tests and quick benchmarks (never used to serve): a byte-level BPE tokenizer trained offline, and
 vision / LLM folders in the same HF layout as real checkpoints, so tests exercise the real loading paths.
 
 Nothing here downloads anything. Sizes follow the house style: hidden 32-64, 2 layers, 16-32 px images.
