@@ -8,13 +8,14 @@ processing and the chat template. Assembly stores the resolved metadata (`LlavaM
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 META_KEY = "llava"
+MODES: tuple[str, ...] = ("pad", "resize", "crop", "anyres")  # image processing modes
 
 
 def assets_root() -> Path:
@@ -64,6 +65,22 @@ class LlavaMeta(BaseModel):
 
 
 RUNNERS = ("auto", "llama", "transformers")
+
+
+@dataclass(frozen=True)
+class LoadOptions:
+    """How `llava.loading.load_model` loads a checkpoint: one object from a command line through serving to the
+    loader (serve processes generate their flags from these fields)."""
+
+    model_base: str | None = field(default=None, metadata={"help": "base model for projector-only or LoRA checkpoints"})
+    template: str | None = field(default=None, metadata={
+        "help": "conversation template when the checkpoint does not record one"})
+    image_mode: str | None = field(default=None, metadata={
+        "choices": ["default", *MODES], "help": "image processing (default: the checkpoint's)"})
+    quantization: str | None = field(default=None, metadata={"cli": False})  # serve.common.add_precision_args
+    device: str = "cpu"
+    dtype: object = field(default="auto", metadata={"cli": False})  # "auto", a name or a torch.dtype
+    name: str | None = field(default=None, metadata={"cli": False})
 
 
 @dataclass(frozen=True)

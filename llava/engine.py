@@ -148,6 +148,8 @@ class Engine:
             self._runner = LlamaRunner(model, vocab_limit=vocab_limit, image_token_id=self.image_token_id,
                                        max_rows=self.max_batch_size, context_length=self.context_length)
             self.runner_name = "llama (the engine's own forward over transformers' weights)"
+            if self._runner.quantized and self._runner.fused:
+                self.runner_name += f"; quantized kernels for prefills up to {self._runner.kernel_prefill_rows} rows"
         else:
             self._runner = TransformersRunner(model, vocab_limit=vocab_limit, image_token_id=self.image_token_id)
             why = "asked for" if choice == "transformers" else reason

@@ -15,8 +15,6 @@ Promises:
 
 from __future__ import annotations
 
-import base64
-import binascii
 import dataclasses
 import functools
 import hashlib
@@ -34,14 +32,15 @@ from PIL import Image, UnidentifiedImageError
 from transformers import LlavaNextImageProcessorPil
 from transformers.image_processing_utils import select_best_resolution as _hf_select_best_resolution
 
+from llava.config import MODES  # noqa: F401  (re-exported; image modes are named once, in llava.config)
+from llava.image_data import (  # noqa: F401  (re-exported)
+    MAX_IMAGE_BYTES, MAX_IMAGE_PIXELS, ImageError, check_bytes, decode_base64, decode_data_uri,
+)
+
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 Mode = Literal["pad", "resize", "crop", "anyres"]
-MODES: tuple[str, ...] = ("pad", "resize", "crop", "anyres")
-# Limits on one image a client sends: encoded bytes and decoded pixels (a decompression bomb is refused).
-MAX_IMAGE_BYTES = 20 * 2**20
-MAX_IMAGE_PIXELS = 40_000_000
 
 # Raster formats PIL decodes itself. EPS (runs ghostscript), PDF-like and exotic plugins are refused on purpose.
 SAFE_FORMATS = ("PNG", "JPEG", "MPO", "WEBP", "GIF", "BMP", "TIFF", "ICO", "PPM", "AVIF")
@@ -49,10 +48,6 @@ SAFE_FORMATS = ("PNG", "JPEG", "MPO", "WEBP", "GIF", "BMP", "TIFF", "ICO", "PPM"
 CONVERTIBLE_MODES = frozenset(
     {"1", "L", "LA", "La", "P", "PA", "RGB", "RGBA", "RGBa", "RGBX", "CMYK", "YCbCr", "LAB", "HSV"}
 )
-
-
-class ImageError(ValueError):
-    """An input image cannot be used; the message names the cause."""
 
 
 class ProcessingConfigError(ValueError):
@@ -162,20 +157,15 @@ def _read_bytes(src: bytes | str | os.PathLike, max_bytes: int) -> bytes:
     if isinstance(src, (bytes, bytearray, memoryview)):
         data = bytes(src)
     elif isinstance(src, str) and src.startswith("data:"):
-        data = _decode_data_uri(src, max_bytes)
+        data = decode_data_uri(src, max_bytes)
     elif isinstance(src, os.PathLike) or (isinstance(src, str) and os.path.isfile(src)):
         data = _read_file(os.fspath(src), max_bytes)
     elif isinstance(src, str):
         data = decode_base64(src, max_bytes, what="string (not an existing file, a data: URI or base64)")
     else:
         raise ImageError(f"cannot load an image from {type(src).__name__}; pass bytes, a path, a str or a PIL image")
-    _check_bytes(len(data), max_bytes)
+    check_bytes(len(data), max_bytes)
     return data
-
-
-def _check_bytes(n: int, max_bytes: int) -> None:
-    if n > max_bytes:
-        raise ImageError(f"image too large: {n} bytes exceeds the limit of {max_bytes}")
 
 
 def _check_pixels(size: tuple[int, int], max_pixels: int) -> None:
@@ -189,31 +179,9 @@ def _check_pixels(size: tuple[int, int], max_pixels: int) -> None:
 def _read_file(path: str, max_bytes: int) -> bytes:
     if not os.path.isfile(path):
         raise ImageError(f"no such image file: {path}")
-    _check_bytes(os.path.getsize(path), max_bytes)  # before reading it into memory
+    check_bytes(os.path.getsize(path), max_bytes)  # before reading it into memory
     with open(path, "rb") as f:
         return f.read(max_bytes + 1)
-
-
-def _decode_data_uri(uri: str, max_bytes: int) -> bytes:
-    header, comma, payload = uri[len("data:"):].partition(",")
-    if not comma:
-        raise ImageError("malformed data: URI (no comma before the data)")
-    if header.endswith(";base64"):
-        return decode_base64(payload, max_bytes, what="data: URI payload")
-    _check_bytes(len(payload) // 3, max_bytes)  # percent-encoding is at most 3 chars per byte
-    return urllib.parse.unquote_to_bytes(payload)
-
-
-def decode_base64(text: str, max_bytes: int, what: str) -> bytes:
-    """Standard or URL-safe base64, line breaks and missing padding tolerated; ImageError naming `what` when it is
-    not base64 or decodes to more than max_bytes (checked before decoding)."""
-    text = "".join(text.split())  # line-wrapped base64 is common
-    _check_bytes(len(text) * 3 // 4, max_bytes)  # before allocating the decoded bytes
-    altchars = b"-_" if ("-" in text or "_" in text) else None  # URL-safe alphabet
-    try:
-        return base64.b64decode(text + "=" * (-len(text) % 4), altchars=altchars, validate=True)
-    except (binascii.Error, ValueError) as e:
-        raise ImageError(f"invalid base64 in {what}: {e}") from None
 
 
 def _open_formats() -> list[str]:

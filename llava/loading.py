@@ -11,6 +11,7 @@ The template comes from the checkpoint's own metadata, an explicit `template=`, 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 from dataclasses import dataclass, field
@@ -22,7 +23,7 @@ from transformers import AutoModelForImageTextToText, AutoTokenizer, BitsAndByte
 
 import llava.projector  # noqa: F401  (registers llava_variant with the Auto classes)
 from llava.checkpoint import LoadError, image_processing_from_hf, read_config, resolve_template
-from llava.config import META_KEY, LlavaMeta
+from llava.config import META_KEY, LlavaMeta, LoadOptions
 from llava.convert import resolve_path
 from llava.hardware import resolve_dtype
 from llava.quant import QUANTIZATIONS, QuantizationError, quantize_llm
@@ -111,23 +112,20 @@ def resolve_quantization(quantization: str | None, device: str, meta: LlavaMeta 
     return None, "auto: the checkpoint records no CPU quantization that passed a quality gate"
 
 
-def load_model(
-    path: str,
-    *,
-    model_base: str | None = None,
-    template: str | None = None,
-    image_mode: str | None = None,
-    quantization: str | None = None,
-    device: str = "cpu",
-    dtype: torch.dtype | str | None = "auto",
-    name: str | None = None,
-) -> LoadedModel:
-    """Load a llava model for inference (eval mode).
+def load_model(path: str, options: LoadOptions | None = None, **overrides: Any) -> LoadedModel:
+    """Load a llava model for inference (eval mode) as `options` (a `LoadOptions`; keyword arguments override its
+    fields: `load_model(path, dtype="float32")`).
 
     dtype: "auto" (default; see `llava.hardware.resolve_dtype`), a name or a torch dtype.
     quantization: None / "none", "int8" / "int4" (CPU weight-only, `llava.quant`), "8bit" / "4bit" (bitsandbytes),
     or "auto" (on CPU, what the checkpoint records as passing its quality gate).
     """
+    try:
+        o = dataclasses.replace(options or LoadOptions(), **overrides)
+    except TypeError as e:
+        raise TypeError(f"load_model: {e} (options are the fields of llava.config.LoadOptions)") from None
+    model_base, template, image_mode, quantization, device, dtype, name = (
+        o.model_base, o.template, o.image_mode, o.quantization, o.device, o.dtype, o.name)
     hf_path = resolve_path(path, model_base, template)
     config = read_config(hf_path) or {}
     meta = LlavaMeta(**config[META_KEY]) if META_KEY in config else None

@@ -21,6 +21,7 @@ Promises:
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 import torch
@@ -32,12 +33,19 @@ from llava import kernels
 from llava.quant import Int4Linear, QuantLinear
 
 SUPPORTED_TYPES = ("llama", "mistral", "qwen2")
-# Prefill forwards of at most this many rows use the quantized kernels (they read 4-bit weights once per call);
-# longer ones multiply by the dense prefill copies (measured on a 2-core Xeon, SmolLM2-135M: kernel faster up to
-# 16 rows, dense bf16 faster from 32; bench/results/kernels.txt)
-KERNEL_PREFILL_ROWS = 16
+# Prefill forwards of up to `LlamaRunner.kernel_prefill_rows` rows use the quantized kernels (they read the 4-bit
+# weights once per call); longer ones multiply by the dense prefill copies. Where the two cross is measured when the
+# runner is built (a 2-core Xeon with AMX: ~24 rows against bf16; the same Xeon limited to AVX2: the kernels won at
+# every size against float32).
+CROSSOVER_ROWS = (8, 16, 32, 64, 128, 256, 512)
 STATIC_ROPE = ("default", "linear", "llama3", "yarn")
 _T_ALIGN = 64
+
+
+def _seconds(fn) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
 
 
 class DenseLinear:
@@ -243,6 +251,7 @@ class LlamaRunner:
                       and self.kv_dtype in (torch.float32, torch.bfloat16))
         self._q4_layers = self._int4_layers(cfg) if self.fused else None
         self._buffers: dict[int, dict[str, torch.Tensor]] = {}
+        self.kernel_prefill_rows = self._measure_crossover() if self.quantized and self.fused else 0
         self.intermediate = cfg.intermediate_size
         self.lm_head = _linear(model.get_output_embeddings())
         self.vocab_limit = vocab_limit
@@ -256,6 +265,25 @@ class LlamaRunner:
         self._lengths: list[int] = []
         self._ready = 0  # rows [0, ready) decode; rows [ready, len) are still being prefilled
         self._cos = self._sin = None
+
+    def _measure_crossover(self) -> int:
+        """The most prefill rows for which the quantized kernels beat the dense copies on this machine (timed on
+        the first layer's gate/up product, best of 3); every size when there are no dense copies."""
+        lin = self.layers[0].gate_up
+        if getattr(lin, "dense", None) is None:
+            return max(CROSSOVER_ROWS[-1], self.context_length)
+        best = 0
+        with torch.inference_mode():
+            for rows in CROSSOVER_ROWS:
+                x = torch.randn(rows, lin.in_features)
+                xd = x.to(lin.dense.dtype)
+                lin.small(x), lin.large(xd)  # first calls build kernels/primitives
+                kernel = min(_seconds(lambda: lin.small(x)) for _ in range(3))
+                dense = min(_seconds(lambda: lin.large(xd)) for _ in range(3))
+                if kernel > dense:
+                    break
+                best = rows
+        return best if best < CROSSOVER_ROWS[-1] else max(best, self.context_length)
 
     def _int4_layers(self, cfg) -> list | None:
         if cfg.hidden_act != "silu":
@@ -428,7 +456,7 @@ class LlamaRunner:
         act = torch.float32 if self.fused else self.compute_dtype
         x = torch.cat([c.embeds for c in chunks]).to(act)  # [S, hidden]
         # a few rows read the weights once: the quantized kernels beat the dense prefill copies up to ~16-32 rows
-        few = self.quantized and self.fused and x.shape[0] <= KERNEL_PREFILL_ROWS
+        few = self.quantized and self.fused and x.shape[0] <= self.kernel_prefill_rows
         mm = (lambda lin, t: lin.small(t).to(t.dtype)) if few else (lambda lin, t: lin.large(t).to(t.dtype))
         positions = torch.cat(pos)
         cos_t, sin_t = self._rope_tables(int(positions.max()) + 1)

@@ -20,9 +20,10 @@ from typing import Protocol
 import httpx
 
 from llava.chat import ChatSession, ChatStateError, image_bytes
+from llava.config import LoadOptions
 from llava.images import MAX_IMAGE_BYTES, ImageError
 from llava.templates import ImageCountError
-from serve.common import add_precision_args, fetch_image_url, iter_chunks
+from serve.common import add_config_args, add_precision_args, config_from_args, fetch_image_url, iter_chunks
 from serve.protocol import ErrorCode, SamplingFields, ServeError
 from serve.serving import ServingModel
 
@@ -41,11 +42,9 @@ class LocalBackend:
     """The model and the engine in this process."""
 
     def __init__(self, args: argparse.Namespace):
+        options = config_from_args(LoadOptions, args, quantization=args.quantization, dtype=args.dtype)
         self.serving = ServingModel.load(
-            args.model_path, names=[args.model_name] if args.model_name else None, max_batch_size=1,
-            model_base=args.model_base, template=args.template, quantization=args.quantization, device=args.device,
-            dtype=args.dtype,
-        )
+            args.model_path, options, names=[args.model_name] if args.model_name else None, max_batch_size=1)
         self.serving.engine.start()
         self.name = self.serving.names[0]
 
@@ -165,9 +164,7 @@ def chat_loop(backend: Backend, session: ChatSession, fields: SamplingFields, pe
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="LLaVA terminal chat")
     p.add_argument("--model-path", default=None, help="load this model in-process (default | folder | hub id)")
-    p.add_argument("--model-base", default=None)
     p.add_argument("--model-name", default=None, help="with --controller-url: which model to ask")
-    p.add_argument("--template", default=None)
     p.add_argument("--controller-url", default=None, help="chat through a controller instead of loading a model")
     p.add_argument("--image-file", action="append", default=[], help="image path or URL for the first message")
     p.add_argument("--system", default=None, help="system prompt (default: the template's own)")
@@ -175,7 +172,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-p", type=float, default=0.7)
     p.add_argument("--max-new-tokens", type=int, default=512)
     p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--device", default="cpu")
+    add_config_args(p.add_argument_group("loading", "with --model-path: how it is loaded (llava.config.LoadOptions)"),
+                    LoadOptions)
     add_precision_args(p)
     return p
 

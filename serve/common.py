@@ -29,7 +29,7 @@ from fastapi import Request
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ValidationError
 
-from llava.images import ImageError, decode_base64
+from llava.image_data import ImageError, decode_base64
 from serve.protocol import ErrorCode, ServeError
 
 DEFAULT_ALLOWED_HOSTS = "127.0.0.1,localhost,::1"
@@ -342,6 +342,38 @@ ENGINE_HELP = {
                                    "inter-token latency; longer prompts are prefilled in chunks)",
     "runner": "LLM forward: auto | llama (the engine's own) | transformers",
 }
+
+
+def add_config_args(p: argparse.ArgumentParser | argparse._ArgumentGroup, cls, *, skip: tuple[str, ...] = ()) -> None:
+    """One flag per field of the config dataclass `cls` (one source for names, defaults and help): `--field-name`
+    (or metadata["flag"]), the field's type and default, metadata["help"] / ["choices"] / ["parse"] (a function
+    from the flag's string); bools become --x / --no-x."""
+    for f in dataclasses.fields(cls):
+        if f.name in skip or f.metadata.get("cli") is False:
+            continue
+        default = f.default if f.default is not dataclasses.MISSING else (
+            f.default_factory() if f.default_factory is not dataclasses.MISSING else None)
+        kw: dict[str, Any] = {"dest": f.name, "default": default}
+        if isinstance(default, bool):
+            kw["action"] = argparse.BooleanOptionalAction
+        else:
+            kw["type"] = f.metadata.get("parse", type(default) if default is not None else str)
+        if "choices" in f.metadata:
+            kw["choices"] = f.metadata["choices"]
+        if f.metadata.get("required"):
+            kw["required"] = True
+        shown = "" if default in (None, "") or isinstance(default, (frozenset, set)) else f" (default: {default})"
+        kw["help"] = f.metadata.get("help", "") + shown
+        p.add_argument(f.metadata.get("flag", "--" + f.name.replace("_", "-")), **kw)
+
+
+def config_from_args(cls, args: argparse.Namespace, **fixed):
+    """`cls` from the parsed flags of `add_config_args` (fields given in `fixed` override them)."""
+    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if hasattr(args, f.name)}
+    try:
+        return cls(**{**values, **fixed})
+    except ValueError as e:
+        raise SystemExit(f"invalid setting: {e}") from None
 
 
 def add_engine_args(p: argparse.ArgumentParser, skip: tuple[str, ...] = ("max_batch_size",)) -> None:

@@ -40,8 +40,8 @@ from fastapi.responses import Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, generate_latest
 
 from serve.common import (
-    DEFAULT_ALLOWED_HOSTS, DEFAULT_MAX_BODY_BYTES, STREAM_MEDIA_TYPE, AddressAllowlist, aiter_chunks, encode_chunk,
-    error_response, parse_body, read_body, setup_logging,
+    DEFAULT_ALLOWED_HOSTS, DEFAULT_MAX_BODY_BYTES, STREAM_MEDIA_TYPE, AddressAllowlist, add_config_args, aiter_chunks,
+    config_from_args, encode_chunk, error_response, parse_body, read_body, setup_logging,
 )
 from serve.protocol import (
     ErrorCode, GetWorkerAddressRequest, HeartBeatRequest, RegisterWorkerRequest, ServeError, WorkerStatus,
@@ -70,10 +70,13 @@ class WorkerInfo:
 
 @dataclass
 class ControllerConfig:
-    dispatch_method: str = "shortest_queue"
-    heart_beat_expiration: float = 30.0
-    allowed_worker_hosts: str = DEFAULT_ALLOWED_HOSTS
-    worker_timeout: float = 300.0  # longest silence between two chunks of a worker's stream
+    dispatch_method: str = field(default="shortest_queue", metadata={"choices": DISPATCH_METHODS})
+    heart_beat_expiration: float = field(default=30.0, metadata={
+        "help": "seconds without a heartbeat after which a worker is dropped"})
+    allowed_worker_hosts: str = field(default=DEFAULT_ALLOWED_HOSTS, metadata={
+        "help": "comma list of hosts, *.suffix patterns, CIDR networks or * that workers may register from"})
+    worker_timeout: float = field(default=300.0, metadata={
+        "help": "seconds of silence from a worker's stream before the request fails"})
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
 
     def __post_init__(self) -> None:
@@ -372,24 +375,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="LLaVA controller: worker registry + dispatch")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=21001)
-    p.add_argument("--dispatch-method", choices=DISPATCH_METHODS, default="shortest_queue")
-    p.add_argument("--heart-beat-expiration", type=float, default=30.0,
-                   help="seconds without a heartbeat after which a worker is dropped")
-    p.add_argument("--allowed-worker-hosts", default=DEFAULT_ALLOWED_HOSTS,
-                   help="comma list of hosts, *.suffix patterns, CIDR networks or * that workers may register from")
-    p.add_argument("--worker-timeout", type=float, default=300.0,
-                   help="seconds of silence from a worker's stream before the request fails")
-    p.add_argument("--max-body-bytes", type=int, default=DEFAULT_MAX_BODY_BYTES)
+    add_config_args(p, ControllerConfig)
     return p
 
 
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
-    config = ControllerConfig(
-        dispatch_method=args.dispatch_method, heart_beat_expiration=args.heart_beat_expiration,
-        allowed_worker_hosts=args.allowed_worker_hosts, worker_timeout=args.worker_timeout,
-        max_body_bytes=args.max_body_bytes,
-    )
+    config = config_from_args(ControllerConfig, args)
     uvicorn.run(create_app(config), host=args.host, port=args.port, log_level="warning")
 
 

@@ -45,7 +45,7 @@ from llava.chat import ChatSession, ChatStateError, image_bytes
 from llava.config import assets_root
 from llava.images import ImageError
 from llava.templates import IMAGE_PLACEHOLDER, ImageCountError
-from serve.common import aiter_chunks, setup_logging
+from serve.common import add_config_args, aiter_chunks, config_from_args, setup_logging
 from serve.protocol import DEFAULT_CONTROLLER_URL, ErrorCode, ServeError
 
 logger = setup_logging("serve.gradio_web_server")
@@ -64,10 +64,15 @@ def demo_dir() -> Path:
 @dataclass(frozen=True)
 class WebConfig:
     controller_url: str = DEFAULT_CONTROLLER_URL
-    log_dir: Path = Path("serve_logs")
-    log_ip: bool = False
-    concurrency_count: int = 16  # events of one kind (e.g. streamed replies) served at once
-    request_timeout: float = 300.0  # longest silence between two chunks of a reply
+    log_dir: Path = field(default=Path("serve_logs"), metadata={
+        "help": "conversation/vote JSONL logs and saved images", "parse": Path})
+    log_ip: bool = field(default=False, metadata={"help": "record the client IP in the logs (off by default)"})
+    concurrency_count: int = field(default=16, metadata={"help": "replies streamed at once"})
+    request_timeout: float = field(default=300.0, metadata={
+        "help": "seconds of silence from the controller before a reply fails"})
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "log_dir", Path(self.log_dir).resolve())  # frozen: set once here
 
 
 # ----------------------------------------------------------------------------------------------- state
@@ -447,21 +452,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="LLaVA web chat (gradio) in front of a controller")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=7860)
-    p.add_argument("--controller-url", default=DEFAULT_CONTROLLER_URL)
-    p.add_argument("--log-dir", default="serve_logs", help="conversation/vote JSONL logs and saved images")
-    p.add_argument("--log-ip", action="store_true", help="record the client IP in the logs (off by default)")
-    p.add_argument("--concurrency-count", type=int, default=16, help="replies streamed at once")
-    p.add_argument("--request-timeout", type=float, default=300.0,
-                   help="seconds of silence from the controller before a reply fails")
+    add_config_args(p, WebConfig)
     return p
 
 
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
-    config = WebConfig(
-        controller_url=args.controller_url, log_dir=Path(args.log_dir).resolve(), log_ip=args.log_ip,
-        concurrency_count=args.concurrency_count, request_timeout=args.request_timeout,
-    )
+    config = config_from_args(WebConfig, args)
     demo = build_demo(config)
     logger.info("web UI on http://%s:%d (controller %s, logs in %s)", args.host, args.port, config.controller_url,
                 config.log_dir)

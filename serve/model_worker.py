@@ -44,12 +44,13 @@ from fastapi import FastAPI, Request
 from fastapi.responses import Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
-from llava.config import EngineConfig
+from llava.config import EngineConfig, LoadOptions
 from llava.engine import RequestHandle
-from llava.images import MAX_IMAGE_BYTES, MAX_IMAGE_PIXELS, MODES
+from llava.images import MAX_IMAGE_BYTES, MAX_IMAGE_PIXELS
 from serve.common import (
-    DEFAULT_MAX_BODY_BYTES, STREAM_MEDIA_TYPE, add_engine_args, add_precision_args, decode_image_payload,
-    encode_chunk, engine_config_from_args, error_response, parse_body, setup_logging,
+    DEFAULT_MAX_BODY_BYTES, STREAM_MEDIA_TYPE, add_config_args, add_engine_args, add_precision_args,
+    config_from_args, decode_image_payload, encode_chunk, engine_config_from_args, error_response, parse_body,
+    setup_logging,
 )
 from serve.protocol import DEFAULT_CONTROLLER_URL, ErrorCode, GenerateMessagesRequest, GenerateStreamRequest, ServeError, Usage
 from serve.serving import ImageLimits, Prepared, ServingModel, is_out_of_memory
@@ -61,24 +62,25 @@ logger = setup_logging("serve.model_worker")
 
 @dataclass
 class WorkerConfig:
-    model_path: str
-    model_base: str | None = None
-    model_name: str | None = None
-    template: str | None = None
-    image_mode: str | None = None
-    quantization: str | None = "auto"
-    device: str = "cpu"
-    dtype: str | None = "auto"
-    worker_address: str = "http://127.0.0.1:21002"
-    controller_address: str = DEFAULT_CONTROLLER_URL
-    register: bool = True
+    """The worker's settings; its command line is generated from these fields (`build_parser`)."""
+
+    model_path: str = field(metadata={"help": "default | HF folder/hub id | original | projector/LoRA folder",
+                                      "required": True})
+    model_name: str | None = field(default=None, metadata={"help": "name clients ask for (default: the folder name)"})
+    load: LoadOptions = field(default_factory=lambda: LoadOptions(quantization="auto"), metadata={"cli": False})
+    worker_address: str | None = field(default=None, metadata={
+        "help": "URL the controller uses to reach this worker (default http://HOST:PORT)"})
+    controller_address: str = field(default=DEFAULT_CONTROLLER_URL, metadata={"parse": lambda v: v.rstrip("/")})
+    register: bool = field(default=True, metadata={"help": "register with a controller (--no-register: do not)"})
     heart_beat_interval: float = 15.0
-    max_batch_size: int = 16
-    max_queue: int = 256
+    max_batch_size: int = field(default=16, metadata={
+        "flag": "--limit-model-concurrency",
+        "help": "requests generated together (the engine's batch size); more wait in the queue"})
+    max_queue: int = field(default=256, metadata={"help": "requests waiting beyond the batch before 503s"})
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
-    limits: ImageLimits = field(default_factory=ImageLimits)
-    engine: EngineConfig = field(default_factory=EngineConfig)
-    warm_up: bool = True
+    limits: ImageLimits = field(default_factory=ImageLimits, metadata={"cli": False})  # its own flags
+    engine: EngineConfig = field(default_factory=EngineConfig, metadata={"cli": False})  # add_engine_args
+    warm_up: bool = field(default=True, metadata={"help": "run one request before registering"})
 
 
 class WorkerMetrics:
@@ -234,10 +236,8 @@ def create_app(config: WorkerConfig, serving: ServingModel | None = None) -> Fas
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
         model = serving or ServingModel.load(
-            config.model_path, names=[config.model_name] if config.model_name else None,
-            max_batch_size=config.max_batch_size, limits=config.limits, model_base=config.model_base,
-            template=config.template, image_mode=config.image_mode, quantization=config.quantization,
-            device=config.device, dtype=config.dtype, engine_config=config.engine,
+            config.model_path, config.load, names=[config.model_name] if config.model_name else None,
+            max_batch_size=config.max_batch_size, limits=config.limits, engine_config=config.engine,
         )
         model.engine.start()
         if config.warm_up and serving is None:
@@ -303,41 +303,23 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="LLaVA model worker")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=21002)
-    p.add_argument("--worker-address", default=None, help="URL the controller uses to reach this worker "
-                   "(default http://HOST:PORT)")
-    p.add_argument("--controller-address", default=DEFAULT_CONTROLLER_URL)
-    p.add_argument("--model-path", required=True, help="default | HF folder/hub id | original | projector/LoRA folder")
-    p.add_argument("--model-base", default=None, help="base model for projector-only or LoRA checkpoints")
-    p.add_argument("--model-name", default=None, help="name clients ask for (default: the folder name)")
-    p.add_argument("--template", default=None, help="conversation template when the checkpoint does not record one")
-    p.add_argument("--image-mode", default=None, choices=list(MODES))
-    p.add_argument("--device", default="cpu")
     p.add_argument("--num-threads", type=int, default=None,
                    help="torch CPU threads (default: torch's choice); use 1-2 per worker when several share a host")
+    add_config_args(p, WorkerConfig)
+    add_config_args(p.add_argument_group("loading", "how the checkpoint is loaded (llava.config.LoadOptions)"),
+                    LoadOptions)
+    add_config_args(p.add_argument_group("images", "limits on each request's images"), ImageLimits)
     add_precision_args(p)
-    p.add_argument("--limit-model-concurrency", type=int, default=16,
-                   help="requests generated together (the engine's batch size); more wait in the queue")
-    p.add_argument("--max-queue", type=int, default=256, help="requests waiting beyond the batch before 503s")
-    p.add_argument("--no-register", action="store_true", help="do not register with a controller")
-    p.add_argument("--heart-beat-interval", type=float, default=15.0)
-    p.add_argument("--max-body-bytes", type=int, default=DEFAULT_MAX_BODY_BYTES)
-    p.add_argument("--max-images", type=int, default=8)
-    p.add_argument("--max-image-bytes", type=int, default=MAX_IMAGE_BYTES)
-    p.add_argument("--max-image-pixels", type=int, default=MAX_IMAGE_PIXELS)
-    p.add_argument("--no-warm-up", action="store_true", help="skip the warm-up request before registering")
     add_engine_args(p)
     return p
 
 
-def config_from_args(args: argparse.Namespace) -> WorkerConfig:
-    return WorkerConfig(
-        model_path=args.model_path, model_base=args.model_base, model_name=args.model_name, template=args.template,
-        image_mode=args.image_mode, quantization=args.quantization, device=args.device, dtype=args.dtype, worker_address=args.worker_address or f"http://{args.host}:{args.port}",
-        controller_address=args.controller_address.rstrip("/"), register=not args.no_register,
-        heart_beat_interval=args.heart_beat_interval, max_batch_size=args.limit_model_concurrency,
-        max_queue=args.max_queue, max_body_bytes=args.max_body_bytes,
-        limits=ImageLimits(args.max_images, args.max_image_bytes, args.max_image_pixels),
-        engine=engine_config_from_args(args, max_batch_size=args.limit_model_concurrency), warm_up=not args.no_warm_up,
+def worker_config_from_args(args: argparse.Namespace) -> WorkerConfig:
+    return config_from_args(
+        WorkerConfig, args, worker_address=args.worker_address or f"http://{args.host}:{args.port}",
+        load=config_from_args(LoadOptions, args, quantization=args.quantization, dtype=args.dtype),
+        limits=config_from_args(ImageLimits, args),
+        engine=engine_config_from_args(args, max_batch_size=args.max_batch_size),
     )
 
 
@@ -346,7 +328,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.num_threads:
         torch.set_num_threads(args.num_threads)
     logging.getLogger("httpx").setLevel(logging.WARNING)
-    uvicorn.run(create_app(config_from_args(args)), host=args.host, port=args.port, log_level="warning")
+    uvicorn.run(create_app(worker_config_from_args(args)), host=args.host, port=args.port, log_level="warning")
 
 
 if __name__ == "__main__":

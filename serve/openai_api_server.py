@@ -27,7 +27,7 @@ import json
 import time
 import uuid
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 import httpx
@@ -36,10 +36,11 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
-from llava.images import MAX_IMAGE_BYTES
+from llava.image_data import MAX_IMAGE_BYTES
 from llava.templates import IMAGE_PLACEHOLDER
 from serve.common import (
-    DEFAULT_MAX_BODY_BYTES, FRAME_DELIMITER, aiter_chunks, fetch_image_url, iter_chunks, parse_body, setup_logging,
+    DEFAULT_MAX_BODY_BYTES, FRAME_DELIMITER, add_config_args, aiter_chunks, config_from_args, fetch_image_url,
+    iter_chunks, parse_body, setup_logging,
 )
 from serve.protocol import DEFAULT_CONTROLLER_URL, ErrorCode, ServeError
 
@@ -96,9 +97,11 @@ class ChatCompletionRequest(BaseModel):
 
 @dataclass
 class OpenAIConfig:
-    controller_address: str = DEFAULT_CONTROLLER_URL
-    api_keys: frozenset[str] = frozenset()
-    allow_image_urls: bool = False
+    controller_address: str = field(default=DEFAULT_CONTROLLER_URL, metadata={"parse": lambda v: v.rstrip("/")})
+    api_keys: frozenset[str] = field(default=frozenset(), metadata={
+        "help": "comma-separated keys; empty = no authentication",
+        "parse": lambda v: frozenset(k.strip() for k in v.split(",") if k.strip())})
+    allow_image_urls: bool = field(default=False, metadata={"help": "fetch http(s) image_url parts"})
     image_url_max_bytes: int = MAX_IMAGE_BYTES
     image_url_timeout: float = 10.0
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
@@ -339,25 +342,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="OpenAI-compatible API over the LLaVA controller")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--controller-address", default=DEFAULT_CONTROLLER_URL)
-    p.add_argument("--api-keys", default="", help="comma-separated keys; empty = no authentication")
-    p.add_argument("--allow-image-urls", action="store_true", help="fetch http(s) image_url parts")
-    p.add_argument("--image-url-max-bytes", type=int, default=20 * 2**20)
-    p.add_argument("--image-url-timeout", type=float, default=10.0)
-    p.add_argument("--max-body-bytes", type=int, default=DEFAULT_MAX_BODY_BYTES)
-    p.add_argument("--default-max-tokens", type=int, default=256)
+    add_config_args(p, OpenAIConfig)
     return p
 
 
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
-    config = OpenAIConfig(
-        controller_address=args.controller_address.rstrip("/"),
-        api_keys=frozenset(k.strip() for k in args.api_keys.split(",") if k.strip()),
-        allow_image_urls=args.allow_image_urls, image_url_max_bytes=args.image_url_max_bytes,
-        image_url_timeout=args.image_url_timeout, max_body_bytes=args.max_body_bytes,
-        default_max_tokens=args.default_max_tokens,
-    )
+    config = config_from_args(OpenAIConfig, args)
     uvicorn.run(create_app(config), host=args.host, port=args.port, log_level="warning")
 
 

@@ -8,11 +8,11 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 import torch
 
-from llava.config import EngineConfig
+from llava.config import EngineConfig, LoadOptions
 from llava.engine import Engine, GenerationRequest, InvalidRequestError, PromptTooLongError, RequestHandle
 from llava.images import MAX_IMAGE_BYTES, MAX_IMAGE_PIXELS, ImageError, ProcessedImage, load_image
 from llava.loading import LoadedModel, LoadError, load_model
@@ -27,9 +27,9 @@ GREEDY_BELOW = 0.001  # LLaVA: sampling only when temperature > 0.001
 
 @dataclass(frozen=True)
 class ImageLimits:
-    max_images: int = 8
-    max_bytes: int = MAX_IMAGE_BYTES
-    max_pixels: int = MAX_IMAGE_PIXELS
+    max_images: int = field(default=8, metadata={"help": "images in one request"})
+    max_bytes: int = field(default=MAX_IMAGE_BYTES, metadata={"flag": "--max-image-bytes", "help": "encoded bytes of one image"})
+    max_pixels: int = field(default=MAX_IMAGE_PIXELS, metadata={"flag": "--max-image-pixels", "help": "decoded pixels of one image"})
 
 
 @dataclass
@@ -43,6 +43,14 @@ class Prepared:
     @property
     def image_tokens(self) -> int:
         return sum(im.num_tokens for im in self.images)
+
+
+def check_marker_count(markers: int, images: Sequence, where: str) -> None:
+    """One image per `<image>` marker, as LLaVA's worker requires."""
+    if markers != len(images):
+        have = "has" if where == "the prompt" else "have"
+        raise ServeError(ErrorCode.IMAGE_COUNT_MISMATCH,
+                         f"{where} {have} {markers} {IMAGE_PLACEHOLDER} marker(s) but {len(images)} image(s) were sent")
 
 
 def is_out_of_memory(message: str) -> bool:
@@ -59,10 +67,11 @@ class ServingModel:
         self.limits = limits
 
     @classmethod
-    def load(cls, path: str, *, names: Sequence[str] | None = None, max_batch_size: int = 16,
-             limits: ImageLimits = ImageLimits(), engine_config: EngineConfig | None = None,
-             **load_kwargs) -> ServingModel:
-        loaded = load_model(path, **load_kwargs)
+    def load(cls, path: str, options: LoadOptions | None = None, *, names: Sequence[str] | None = None,
+             max_batch_size: int = 16, limits: ImageLimits = ImageLimits(), engine_config: EngineConfig | None = None,
+             **overrides) -> ServingModel:
+        """Load `path` as `options` (keyword arguments override its fields) and build its engine."""
+        loaded = load_model(path, options, **overrides)
         config = replace(engine_config or EngineConfig(), max_batch_size=max_batch_size)
         engine = Engine(
             loaded.model, loaded.tokenizer, eos_token_ids=stop_token_ids(loaded.template, loaded.tokenizer),
@@ -135,12 +144,7 @@ class ServingModel:
         """The LLaVA raw-prompt path."""
         if not req.prompt.replace(IMAGE_PLACEHOLDER, "").strip() and not images:
             raise ServeError(ErrorCode.EMPTY_PROMPT, "the prompt is empty")
-        markers = req.prompt.count(IMAGE_PLACEHOLDER)
-        if markers != len(images):
-            raise ServeError(
-                ErrorCode.IMAGE_COUNT_MISMATCH,
-                f"the prompt has {markers} {IMAGE_PLACEHOLDER} marker(s) but {len(images)} image(s) were sent",
-            )
+        check_marker_count(req.prompt.count(IMAGE_PLACEHOLDER), images, "the prompt")
         sampling = self.sampling(req)
         processed = self.process_images(images, req.image_mode)
         return Prepared(self.tokenize_prompt(req.prompt, processed), processed, sampling)
@@ -155,12 +159,7 @@ class ServingModel:
             raise ServeError(ErrorCode.INVALID_PARAMS, "invalid messages: the last message must be from the user")
         if not messages[-1]["content"].strip():
             raise ServeError(ErrorCode.EMPTY_PROMPT, "the last user message is empty (no text and no image)")
-        markers = sum(m["content"].count(IMAGE_PLACEHOLDER) for m in messages)
-        if markers != len(images):
-            raise ServeError(
-                ErrorCode.IMAGE_COUNT_MISMATCH,
-                f"the messages have {markers} {IMAGE_PLACEHOLDER} marker(s) but {len(images)} image(s) were sent",
-            )
+        check_marker_count(sum(m["content"].count(IMAGE_PLACEHOLDER) for m in messages), images, "the messages")
         sampling = self.sampling(fields)
         processed = self.process_images(images, fields.image_mode)
         try:

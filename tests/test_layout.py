@@ -35,6 +35,14 @@ def test_importing_llava_loads_neither_serve_nor_train():
     assert out.stdout.strip() == "[]"
 
 
+def test_relaying_servers_do_not_import_torch():
+    """The controller and the OpenAI API server only relay requests: they start in a moment, without torch."""
+    code = ("import sys, serve.controller, serve.openai_api_server; "
+            "print(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'transformers')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True)
+    assert out.stdout.strip() == "[]"
+
+
 def _module_imports(path: Path, package: str) -> set[str]:
     """Modules of `package` that a file imports anywhere (top level or inside functions)."""
     found = set()
