@@ -251,13 +251,13 @@ class LlamaRunner:
                       and self.kv_dtype in (torch.float32, torch.bfloat16))
         self._q4_layers = self._int4_layers(cfg) if self.fused else None
         self._buffers: dict[int, dict[str, torch.Tensor]] = {}
-        self.kernel_prefill_rows = self._measure_crossover() if self.quantized and self.fused else 0
         self.intermediate = cfg.intermediate_size
         self.lm_head = _linear(model.get_output_embeddings())
         self.vocab_limit = vocab_limit
         self.image_token_id = image_token_id
         self.max_rows = max_rows
         self.context_length = context_length
+        self.kernel_prefill_rows = self._measure_crossover() if self.quantized and self.fused else 0
         # rows and their KV: k/v [layers, rows, kv_heads, positions, head_dim]
         self._k = self._v = None
         self._row_of: dict[object, int] = {}

@@ -367,6 +367,15 @@ def add_config_args(p: argparse.ArgumentParser | argparse._ArgumentGroup, cls, *
         p.add_argument(f.metadata.get("flag", "--" + f.name.replace("_", "-")), **kw)
 
 
+def server_parser(description: str, port: int, config_cls) -> argparse.ArgumentParser:
+    """A serve process's command line: --host (loopback by default), --port and one flag per `config_cls` field."""
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
+    p.add_argument("--port", type=int, default=port, help=f"(default: {port})")
+    add_config_args(p, config_cls)
+    return p
+
+
 def config_from_args(cls, args: argparse.Namespace, **fixed):
     """`cls` from the parsed flags of `add_config_args` (fields given in `fixed` override them)."""
     values = {f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if hasattr(args, f.name)}

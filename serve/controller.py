@@ -40,8 +40,8 @@ from fastapi.responses import Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, generate_latest
 
 from serve.common import (
-    DEFAULT_ALLOWED_HOSTS, DEFAULT_MAX_BODY_BYTES, STREAM_MEDIA_TYPE, AddressAllowlist, add_config_args, aiter_chunks,
-    config_from_args, encode_chunk, error_response, parse_body, read_body, setup_logging,
+    DEFAULT_ALLOWED_HOSTS, DEFAULT_MAX_BODY_BYTES, STREAM_MEDIA_TYPE, AddressAllowlist, aiter_chunks,
+    config_from_args, encode_chunk, error_response, parse_body, read_body, server_parser, setup_logging,
 )
 from serve.protocol import (
     ErrorCode, GetWorkerAddressRequest, HeartBeatRequest, RegisterWorkerRequest, ServeError, WorkerStatus,
@@ -372,11 +372,7 @@ def create_app(config: ControllerConfig | None = None) -> FastAPI:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description="LLaVA controller: worker registry + dispatch")
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=21001)
-    add_config_args(p, ControllerConfig)
-    return p
+    return server_parser("LLaVA controller: worker registry + dispatch", 21001, ControllerConfig)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -45,7 +45,7 @@ from llava.chat import ChatSession, ChatStateError, image_bytes
 from llava.config import assets_root
 from llava.images import ImageError
 from llava.templates import IMAGE_PLACEHOLDER, ImageCountError
-from serve.common import add_config_args, aiter_chunks, config_from_args, setup_logging
+from serve.common import aiter_chunks, config_from_args, server_parser, setup_logging
 from serve.protocol import DEFAULT_CONTROLLER_URL, ErrorCode, ServeError
 
 logger = setup_logging("serve.gradio_web_server")
@@ -449,11 +449,7 @@ def build_demo(config: WebConfig) -> gr.Blocks:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description="LLaVA web chat (gradio) in front of a controller")
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=7860)
-    add_config_args(p, WebConfig)
-    return p
+    return server_parser("LLaVA web chat (gradio) in front of a controller", 7860, WebConfig)
 
 
 def main(argv: list[str] | None = None) -> None:

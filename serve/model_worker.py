@@ -50,7 +50,7 @@ from llava.images import MAX_IMAGE_BYTES, MAX_IMAGE_PIXELS
 from serve.common import (
     DEFAULT_MAX_BODY_BYTES, STREAM_MEDIA_TYPE, add_config_args, add_engine_args, add_precision_args,
     config_from_args, decode_image_payload, encode_chunk, engine_config_from_args, error_response, parse_body,
-    setup_logging,
+    server_parser, setup_logging,
 )
 from serve.protocol import DEFAULT_CONTROLLER_URL, ErrorCode, GenerateMessagesRequest, GenerateStreamRequest, ServeError, Usage
 from serve.serving import ImageLimits, Prepared, ServingModel, is_out_of_memory
@@ -300,12 +300,9 @@ def create_app(config: WorkerConfig, serving: ServingModel | None = None) -> Fas
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description="LLaVA model worker")
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=21002)
+    p = server_parser("LLaVA model worker", 21002, WorkerConfig)
     p.add_argument("--num-threads", type=int, default=None,
                    help="torch CPU threads (default: torch's choice); use 1-2 per worker when several share a host")
-    add_config_args(p, WorkerConfig)
     add_config_args(p.add_argument_group("loading", "how the checkpoint is loaded (llava.config.LoadOptions)"),
                     LoadOptions)
     add_config_args(p.add_argument_group("images", "limits on each request's images"), ImageLimits)

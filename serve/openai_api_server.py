@@ -39,8 +39,8 @@ from pydantic import BaseModel, ConfigDict, Field
 from llava.image_data import MAX_IMAGE_BYTES
 from llava.templates import IMAGE_PLACEHOLDER
 from serve.common import (
-    DEFAULT_MAX_BODY_BYTES, FRAME_DELIMITER, add_config_args, aiter_chunks, config_from_args, fetch_image_url,
-    iter_chunks, parse_body, setup_logging,
+    DEFAULT_MAX_BODY_BYTES, FRAME_DELIMITER, aiter_chunks, config_from_args, fetch_image_url, iter_chunks,
+    parse_body, server_parser, setup_logging,
 )
 from serve.protocol import DEFAULT_CONTROLLER_URL, ErrorCode, ServeError
 
@@ -339,11 +339,7 @@ def create_app(config: OpenAIConfig | None = None) -> FastAPI:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description="OpenAI-compatible API over the LLaVA controller")
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8000)
-    add_config_args(p, OpenAIConfig)
-    return p
+    return server_parser("OpenAI-compatible API over the LLaVA controller", 8000, OpenAIConfig)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -119,6 +119,24 @@ def test_int4_decode_layers_track_transformers_and_rows_are_independent():
     assert torch.equal(both[1], alone)
 
 
+@pytest.mark.parametrize("kind", ["int8", "int4"])
+def test_quantized_prefill_with_and_without_dense_copies(kind):
+    """Prefill of a long prompt multiplies by the dense copies when kept, else dequantizes per product; the crossover
+    between kernels and dense products is measured when the runner is built, whichever is the case."""
+    ids = list(range(5, 65))  # more rows than the smallest kernel prefill
+    logits = []
+    for budget in (None, 0):
+        model = tiny_llava()
+        quantize_llm(model, kind, dense_budget_bytes=budget)
+        runner = runner_for(model)
+        assert runner.kernel_prefill_rows >= 0
+        runner.reserve("a", 64)
+        logits.append(prefill(runner, "a", ids))
+    # the kernels compute with bf16 (int8) or int8 activations (int4), the dense copies in float32
+    real = torch.isfinite(logits[0])  # the image token's logit is masked
+    assert (logits[0] - logits[1])[real].abs().max() < 0.02 * logits[0][real].abs().max()
+
+
 def test_kv_rows_grow_while_positions_stay():
     model = tiny_llava()
     runner = runner_for(model, max_rows=8)
