@@ -16,6 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 META_KEY = "llava"
 MODES: tuple[str, ...] = ("pad", "resize", "crop", "anyres")  # image processing modes
+MAX_TOP_LOGPROBS = 20  # alternatives per generated token (OpenAI's limit on top_logprobs)
 
 
 def assets_root() -> Path:

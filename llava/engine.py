@@ -29,7 +29,6 @@ import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, fields, replace
-from typing import TYPE_CHECKING
 
 import torch
 
@@ -42,13 +41,11 @@ from llava.requests import (
     UnsupportedModelError, check_ids, check_images,
 )
 from llava.runner import Chunk, LlamaRunner
+from llava.images import ProcessedImage
 from llava.sampling import (
     IncrementalDetokenizer, InvalidSamplingParamsError, RowSampler, SamplingParams, StopStringMatcher,
-    choose_next_tokens, make_generator,
+    TokenLogprob, choose_next_tokens, make_generator, token_logprobs,
 )
-
-if TYPE_CHECKING:
-    from llava.images import ProcessedImage
 
 __all__ = [
     "Engine", "EngineConfig", "EngineError", "EngineStats", "EngineShutDownError", "GenerationEvent",
@@ -82,10 +79,11 @@ class _Sequence:
     prefilled: int = 0  # prompt positions whose KV exist
     generated: list[int] = field(default_factory=list)
     text: list[str] = field(default_factory=list)
+    logprobs: list[TokenLogprob] = field(default_factory=list)  # when the request asked for them
     cached_tokens: int = 0
     first_token_at: float | None = None
     finish_reason: FinishReason | None = None
-    final: tuple[int, str] | None = None  # the finishing token and its text, published once its row is released
+    final: tuple[int, str, TokenLogprob | None] | None = None  # the finishing token and its text, published once its row is released
 
     @property
     def fed_ids(self) -> list[int]:
@@ -149,7 +147,11 @@ class Engine:
                                        max_rows=self.max_batch_size, context_length=self.context_length)
             self.runner_name = "llama (the engine's own forward over transformers' weights)"
             if self._runner.quantized and self._runner.fused:
-                self.runner_name += f"; quantized kernels for prefills up to {self._runner.kernel_prefill_rows} rows"
+                r = self._runner
+                self.runner_name += f"; quantized kernels for prefills up to {r.kernel_prefill_rows} rows"
+                if r.released_dense_bytes:
+                    self.runner_name += (f" (dense prefill copies released, {r.released_dense_bytes / 2**20:.0f} MiB:"
+                                         " not faster here)")
         else:
             self._runner = TransformersRunner(model, vocab_limit=vocab_limit, image_token_id=self.image_token_id)
             why = "asked for" if choice == "transformers" else reason
@@ -199,6 +201,15 @@ class Engine:
             self._queue.append(seq)
             self._lock.notify_all()
         return seq.handle
+
+    def cached_image(self, key: str) -> ProcessedImage | None:
+        """An image this engine has encoded, by its key (`ProcessedImage.key`), while its features are still in the
+        image cache: a request may then carry the returned object instead of the image (any thread). The features
+        are held by the object, so a later eviction cannot fail the request."""
+        feats = self._image_cache.peek(key)
+        if feats is None:
+            return None
+        return ProcessedImage(None, (0, 0), int(feats.shape[0]), key, features=feats)
 
     @property
     def queue_length(self) -> int:
@@ -413,8 +424,9 @@ class Engine:
             if seq not in logits:
                 continue
             self._prefilling.remove(seq)
-            token = choose_next_tokens(logits[seq].unsqueeze(0), [seq.sampler])[0]
-            self._advance(seq, token)
+            row = logits[seq].unsqueeze(0)
+            token = choose_next_tokens(row, [seq.sampler])[0]
+            self._advance(seq, token, token_logprobs(row, [token], [seq.sampler])[0])
             if seq.finish_reason is None:
                 self._running.append(seq)
             else:  # done after one token
@@ -424,9 +436,10 @@ class Engine:
         """One token for every running request."""
         seqs = list(self._running)
         logits = self._runner.decode(seqs, [s.generated[-1] for s in seqs])  # [B, V]
-        tokens = choose_next_tokens(logits, [s.sampler for s in seqs])
-        for seq, token in zip(seqs, tokens):
-            self._advance(seq, token)
+        samplers = [s.sampler for s in seqs]
+        tokens = choose_next_tokens(logits, samplers)
+        for seq, token, lp in zip(seqs, tokens, token_logprobs(logits, tokens, samplers)):
+            self._advance(seq, token, lp)
         for seq in seqs:
             if seq.finish_reason is not None:
                 self._running.remove(seq)
@@ -440,6 +453,9 @@ class Engine:
         for seq, start, end in plan:
             for im, run in zip(seq.images, seq.image_runs):
                 if run.start >= end or run.start + run.num_tokens <= start or run.key in found or run.key in todo:
+                    continue
+                if im.features is not None:  # sent by id: its features were looked up when it was submitted
+                    found[run.key] = im.features.to(self.device, self.dtype)
                     continue
                 feats = self._image_cache.get(run.key)
                 if feats is None:
@@ -495,7 +511,7 @@ class Engine:
 
     # ------------------------------------------------------------------------------------------- bookkeeping
 
-    def _advance(self, seq: _Sequence, token: int) -> None:
+    def _advance(self, seq: _Sequence, token: int, logprob: TokenLogprob | None = None) -> None:
         """Record a new token: stop checks, text delta, event. A finishing token's event waits in `seq.final`
         until the request's row is released (`_retire`)."""
         seq.generated.append(token)
@@ -503,6 +519,10 @@ class Engine:
         if seq.first_token_at is None:
             seq.first_token_at = time.perf_counter()
         stop_token = token in seq.stop_ids
+        if stop_token:
+            logprob = None  # an end-of-sequence / stop token is not part of the output (OpenAI lists no logprob)
+        elif logprob is not None:
+            seq.logprobs.append(logprob)
         ending = stop_token or len(seq.generated) >= seq.max_new_tokens
         delta = "" if stop_token else seq.detok.push(token)
         if ending:  # an output cut mid-character ends with U+FFFD rather than silently losing bytes
@@ -513,10 +533,10 @@ class Engine:
             text += seq.stops.flush()
         seq.text.append(text)
         if reason is None:
-            seq.handle._push(GenerationEvent(seq.request.request_id, token, text))
+            seq.handle._push(GenerationEvent(seq.request.request_id, token, text, logprob=logprob))
         else:
             seq.finish_reason = reason
-            seq.final = (token, text)
+            seq.final = (token, text, logprob)
 
     def _retire(self, seq: _Sequence) -> None:
         """A finished request: offer its KV to the prefix cache, free its row, publish the final event."""
@@ -527,15 +547,15 @@ class Engine:
             except Exception:
                 logger.exception("keeping the KV of request %s failed", seq.request.request_id)
         self._release(seq)
-        token, text = seq.final
-        self._finish(seq, seq.finish_reason, token=token, text=text)
+        token, text, logprob = seq.final
+        self._finish(seq, seq.finish_reason, token=token, text=text, logprob=logprob)
 
     def _release(self, seq: _Sequence) -> None:
         if self._runner.has(seq):
             self._runner.release(seq)
 
     def _finish(self, seq: _Sequence, reason: FinishReason, *, token: int | None = None, text: str = "",
-                error: str | None = None) -> None:
+                error: str | None = None, logprob: TokenLogprob | None = None) -> None:
         if seq.handle.done:
             return
         seq.finish_reason = reason
@@ -552,8 +572,9 @@ class Engine:
             time_to_first_token=None if seq.first_token_at is None else seq.first_token_at - seq.submitted_at,
             latency=now - seq.submitted_at,
             error=error,
+            logprobs=list(seq.logprobs) if seq.request.sampling.logprobs is not None else None,
         )
-        seq.handle._push(GenerationEvent(seq.request.request_id, token, text, True, reason, error), result)
+        seq.handle._push(GenerationEvent(seq.request.request_id, token, text, True, reason, error, logprob), result)
 
     def _fail(self, seqs: list[_Sequence], exc: Exception) -> None:
         for seq in seqs:

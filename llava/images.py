@@ -125,10 +125,13 @@ class ImageProcessing:
 
 @dataclass
 class ProcessedImage:
-    pixel_values: torch.Tensor  # float32 [3, S, S]; anyres: [n_views, 3, S, S], global view first, then tiles
+    pixel_values: torch.Tensor | None  # float32 [3, S, S]; anyres: [n_views, 3, S, S], global view, then tiles
     image_size: tuple[int, int]  # original (height, width), LlavaNext's image_sizes
     num_tokens: int  # exactly how many <image> tokens this image needs
-    key: str  # content hash of the decoded pixels + processing key
+    key: str  # content hash of the decoded pixels + processing key (URL-safe: hex, letters, digits, '.', '-')
+    # projected features [num_tokens, hidden] when already known (an image sent by id, see Engine.cached_image):
+    # the engine uses them instead of running the vision tower, and pixel_values may be None
+    features: torch.Tensor | None = None
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -280,7 +283,7 @@ def preprocess(image: Image.Image, proc: ImageProcessing) -> ProcessedImage:
         pixel_values=pixel_values,
         image_size=size,
         num_tokens=num_image_tokens(proc, size),
-        key=f"{content_hash(image)}:{proc.key()}",
+        key=f"{content_hash(image)}.{proc.key()}",
     )
 
 

@@ -382,6 +382,10 @@ class ImageFeatureCache:
     def __contains__(self, key: str) -> bool:
         return key in self._entries
 
+    def peek(self, key: str) -> torch.Tensor | None:
+        """The entry without counting a hit or refreshing it (safe from another thread: one dict read)."""
+        return self._entries.get(key)
+
     def get(self, key: str) -> torch.Tensor | None:
         feats = self._entries.get(key)
         if feats is None:

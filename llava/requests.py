@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Literal
 import torch
 
 from llava.kvcache import ImageRun
-from llava.sampling import SamplingParams
+from llava.sampling import SamplingParams, TokenLogprob
 
 if TYPE_CHECKING:
     from llava.images import ProcessedImage
@@ -88,6 +88,7 @@ class GenerationEvent:
     finished: bool = False
     finish_reason: FinishReason | None = None
     error: str | None = None
+    logprob: TokenLogprob | None = None  # of token_id, when the request asked for log-probabilities
 
 
 @dataclass(frozen=True)
@@ -101,6 +102,7 @@ class GenerationResult:
     time_to_first_token: float | None  # seconds from submit to the first token
     latency: float  # seconds from submit to finish
     error: str | None = None
+    logprobs: list[TokenLogprob] | None = None  # one per generated token, when asked for
 
     @property
     def completion_tokens(self) -> int:
@@ -261,7 +263,11 @@ def check_images(ids: list[int], images, image_token_id: int, anyres: bool) -> l
         start = positions[k]
         if positions[k + c - 1] != start + c - 1:
             raise InvalidRequestError(f"the {c} image tokens of image {len(runs)} are not contiguous in the prompt")
-        _check_pixels(im, len(runs), anyres)
+        if getattr(im, "features", None) is None:
+            _check_pixels(im, len(runs), anyres)
+        elif im.features.dim() != 2 or im.features.shape[0] != c:
+            raise InvalidRequestError(f"image {len(runs)}: features must be [num_tokens={c}, hidden], "
+                                      f"got {tuple(im.features.shape)}")
         runs.append(ImageRun(str(im.key), start, c))
         k += c
     return runs

@@ -38,6 +38,8 @@ SUPPORTED_TYPES = ("llama", "mistral", "qwen2")
 # runner is built (a 2-core Xeon with AMX: ~24 rows against bf16; the same Xeon limited to AVX2: the kernels won at
 # every size against float32).
 CROSSOVER_ROWS = (8, 16, 32, 64, 128, 256, 512)
+# dense prefill copies are kept only where they multiply this much faster than the kernels at the largest size
+DENSE_WORTH = 0.8
 STATIC_ROPE = ("default", "linear", "llama3", "yarn")
 _T_ALIGN = 64
 
@@ -231,7 +233,9 @@ class LlamaRunner:
         # the dtype of dense weights / of the quantized layers' prefill copies
         self.compute_dtype = next((m.compute_dtype for m in llm.modules() if isinstance(m, QuantLinear)),
                                   self.embed.weight.dtype)
-        self.quantized = any(isinstance(m, QuantLinear) for m in llm.modules())
+        self._quant_modules = [m for m in llm.modules() if isinstance(m, QuantLinear)]
+        self.quantized = bool(self._quant_modules)
+        self.released_dense_bytes = 0
         # decode activations: float32 through the quantized kernels, else the weights' dtype
         self.act_dtype = torch.float32 if self.quantized else self.compute_dtype
         self.kv_dtype = kv_dtype or self.compute_dtype
@@ -268,11 +272,13 @@ class LlamaRunner:
 
     def _measure_crossover(self) -> int:
         """The most prefill rows for which the quantized kernels beat the dense copies on this machine (timed on
-        the first layer's gate/up product, best of 3); every size when there are no dense copies."""
+        the first layer's gate/up product, best of 3); every size when there are no dense copies. When the copies
+        are not clearly faster even at the largest size (an AVX2 CPU multiplying float32: the kernels' int8
+        products keep up), they are released: their memory is worth more than a few percent of prefill."""
         lin = self.layers[0].gate_up
         if getattr(lin, "dense", None) is None:
             return max(CROSSOVER_ROWS[-1], self.context_length)
-        best = 0
+        best, won, kernel, dense = 0, True, 0.0, 0.0
         with torch.inference_mode():
             for rows in CROSSOVER_ROWS:
                 x = torch.randn(rows, lin.in_features)
@@ -280,10 +286,24 @@ class LlamaRunner:
                 lin.small(x), lin.large(xd)  # first calls build kernels/primitives
                 kernel = min(_seconds(lambda: lin.small(x)) for _ in range(3))
                 dense = min(_seconds(lambda: lin.large(xd)) for _ in range(3))
-                if kernel > dense:
-                    break
-                best = rows
-        return best if best < CROSSOVER_ROWS[-1] else max(best, self.context_length)
+                won = won and kernel <= dense
+                best = rows if won else best
+        if dense > DENSE_WORTH * kernel:
+            self.released_dense_bytes = self._release_dense()
+            return max(CROSSOVER_ROWS[-1], self.context_length)
+        return best
+
+    def _release_dense(self) -> int:
+        freed, seen = 0, set()
+        for m in [*self._quant_modules, *(getattr(l, n) for l in self.layers for n in ("qkv", "o", "gate_up", "down"))]:
+            for part in getattr(m, "parts", [m]):
+                dense = getattr(part, "dense", None)
+                if isinstance(part, QuantLinear) and dense is not None:
+                    if dense.untyped_storage().data_ptr() not in seen:
+                        seen.add(dense.untyped_storage().data_ptr())
+                        freed += dense.untyped_storage().nbytes()
+                    part.dense = None
+        return freed
 
     def _int4_layers(self, cfg) -> list | None:
         if cfg.hidden_act != "silu":

@@ -14,9 +14,12 @@ Promises:
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass, field
 
 import torch
+
+from llava.config import MAX_TOP_LOGPROBS
 
 # A top-k of 0 and a top-p of 1.0 both mean "no truncation", as in transformers and vLLM.
 NO_TOP_K = 0
@@ -53,6 +56,9 @@ class SamplingParams:
     stop: tuple[str, ...] = ()
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
+    # None: no log-probabilities; k >= 0: each generated token's log-probability and the k likeliest alternatives
+    # (log-softmax of the model's logits before any penalty, temperature or truncation), OpenAI's `top_logprobs`
+    logprobs: int | None = None
 
     def __post_init__(self):
         _check_number("max_new_tokens", self.max_new_tokens, integer=True)
@@ -78,6 +84,11 @@ class SamplingParams:
         self._normalise_stop_token_ids()
         if not isinstance(self.ignore_eos, bool):
             raise InvalidSamplingParamsError("ignore_eos", f"expected a bool, got {self.ignore_eos!r}")
+        if self.logprobs is not None:
+            _check_number("logprobs", self.logprobs, integer=True)
+            if not 0 <= self.logprobs <= MAX_TOP_LOGPROBS:
+                raise InvalidSamplingParamsError(
+                    "logprobs", f"must be in [0, {MAX_TOP_LOGPROBS}] (alternatives per token), got {self.logprobs}")
 
     def _normalise_stop(self) -> None:
         stop = (self.stop,) if isinstance(self.stop, str) else self.stop
@@ -165,6 +176,32 @@ class RowSampler:
             self.seen.add(token_id)
 
 
+@dataclass(frozen=True)
+class TokenLogprob:
+    """A generated token's log-probability and the likeliest alternatives at its position, as (id, logprob)."""
+
+    token_id: int
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()
+
+
+def token_logprobs(logits: torch.Tensor, tokens: list[int], samplers: list[RowSampler]) -> list[TokenLogprob | None]:
+    """For the rows whose request asked for them: log-softmax of the raw logits [B, V] at the chosen token, and
+    the top-k alternatives. Rows that did not ask get None (and cost nothing)."""
+    rows = [i for i, s in enumerate(samplers) if s.params.logprobs is not None]
+    out: list[TokenLogprob | None] = [None] * len(samplers)
+    if not rows:
+        return out
+    lp = torch.log_softmax(logits[rows].float(), dim=-1).cpu()
+    k = max(samplers[i].params.logprobs for i in rows)
+    top_v, top_i = lp.topk(k, dim=-1) if k else (lp[:, :0], lp[:, :0].long())
+    for j, i in enumerate(rows):
+        n = samplers[i].params.logprobs
+        top = tuple(zip(top_i[j, :n].tolist(), top_v[j, :n].tolist()))
+        out[i] = TokenLogprob(tokens[i], float(lp[j, tokens[i]]), top)
+    return out
+
+
 def choose_next_tokens(logits: torch.Tensor, samplers: list[RowSampler]) -> list[int]:
     """One token per row of logits [B, V] (any device / dtype). Plain greedy rows are decided in one argmax."""
     plain_greedy = [s.params.is_greedy and s.params.repetition_penalty == 1.0 for s in samplers]
@@ -182,6 +219,46 @@ def choose_next_tokens(logits: torch.Tensor, samplers: list[RowSampler]) -> list
     for s, t in zip(samplers, out):
         s.observe(t)
     return out
+
+
+def _byte_level_alphabet() -> dict[str, int]:
+    """The printable stand-ins byte-level BPE vocabularies (GPT-2, Qwen, SmolLM, Llama 3) use for the 256 bytes:
+    printable Latin-1 bytes stand for themselves, the others map to code points from 256 upward, in byte order."""
+    keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    table, extra = {}, 0
+    for b in range(256):
+        if b in keep:
+            table[chr(b)] = b
+        else:
+            table[chr(256 + extra)] = b
+            extra += 1
+    return table
+
+
+_BYTE_LEVEL = _byte_level_alphabet()
+_BYTE_FALLBACK = re.compile(r"<0x([0-9A-Fa-f]{2})>")
+
+
+def token_bytes(tokenizer, token_id: int) -> bytes:
+    """The exact UTF-8 bytes one token contributes (a token may hold part of a character): byte-level BPE pieces
+    mapped back through their byte alphabet, SentencePiece pieces with `▁` as space and `<0xNN>` byte fallback;
+    special tokens as their text."""
+    piece = tokenizer.convert_ids_to_tokens(int(token_id))
+    if piece is None:
+        return b""
+    if m := _BYTE_FALLBACK.fullmatch(piece):
+        return bytes([int(m.group(1), 16)])
+    if token_id in getattr(tokenizer, "all_special_ids", ()):
+        return piece.encode()
+    if _is_byte_level(tokenizer) and all(c in _BYTE_LEVEL for c in piece):
+        return bytes(_BYTE_LEVEL[c] for c in piece)
+    return piece.replace("\u2581", " ").encode()
+
+
+def _is_byte_level(tokenizer) -> bool:
+    backend = getattr(tokenizer, "backend_tokenizer", None) or getattr(tokenizer, "_tokenizer", None)
+    decoder = getattr(backend, "decoder", None)
+    return "ByteLevel" in repr(decoder)
 
 
 class IncrementalDetokenizer:

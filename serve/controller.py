@@ -30,6 +30,7 @@ import contextlib
 import json
 import random
 import time
+from collections import OrderedDict
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
@@ -44,12 +45,13 @@ from serve.common import (
     config_from_args, encode_chunk, error_response, parse_body, read_body, server_parser, setup_logging,
 )
 from serve.protocol import (
-    ErrorCode, GetWorkerAddressRequest, HeartBeatRequest, RegisterWorkerRequest, ServeError, WorkerStatus,
+    ErrorCode, GetWorkerAddressRequest, HeartBeatRequest, RegisterWorkerRequest, ServeError, WorkerStatus, image_ref,
 )
 
 logger = setup_logging("serve.controller")
 
 DISPATCH_METHODS = ("shortest_queue", "lottery")
+MAX_IMAGE_OWNERS = 100_000  # image ids remembered for routing (about 20 MB)
 WORKER_HEADER = "X-Worker-Address"  # proxied responses name the worker that served them (logs, debugging, tests)
 
 
@@ -147,12 +149,15 @@ class Registry:
     def candidates(self, model: str) -> list[str]:
         return [url for url, w in self.workers.items() if model in w.model_names]
 
-    def choose(self, model: str, exclude: set[str] = frozenset()) -> str | None:
-        """A worker URL for `model` by the dispatch policy; its queue is bumped (the heartbeat corrects it)."""
+    def choose(self, model: str, exclude: set[str] = frozenset(), prefer: str | None = None) -> str | None:
+        """A worker URL for `model` by the dispatch policy (`prefer` first when it serves the model: the worker
+        holding the images a request sends by id); its queue is bumped (the heartbeat corrects it)."""
         urls = [u for u in self.candidates(model) if u not in exclude]
         if not urls:
             return None
-        if self.config.dispatch_method == "lottery":
+        if prefer in urls:
+            url = prefer
+        elif self.config.dispatch_method == "lottery":
             url = self.rng.choices(urls, weights=[max(self.workers[u].speed, 1e-6) for u in urls])[0]
         else:
             url = min(urls, key=lambda u: self.workers[u].queue_length / max(self.workers[u].speed, 1e-6))
@@ -179,6 +184,27 @@ class ControllerState:
     metrics: Metrics
     client: httpx.AsyncClient
     tasks: list[asyncio.Task] = field(default_factory=list)
+    # which worker encoded each image id its replies reported (LRU), so requests sending ids go back to it
+    image_owners: OrderedDict[str, str] = field(default_factory=OrderedDict)
+
+    def remember_images(self, url: str, chunk: dict) -> None:
+        usage = chunk.get("usage") if chunk.get("finish_reason") else None
+        for image_id in (usage or {}).get("image_ids") or ():
+            self.image_owners[image_id] = url
+            self.image_owners.move_to_end(image_id)
+        while len(self.image_owners) > MAX_IMAGE_OWNERS:
+            self.image_owners.popitem(last=False)
+
+    def owner_of(self, payload: dict) -> str | None:
+        images = payload.get("images")
+        for value in images if isinstance(images, list) else ():
+            try:
+                image_id = image_ref(value)
+            except ServeError:
+                continue  # the worker answers a malformed id with a 400 naming it
+            if image_id in self.image_owners:
+                return self.image_owners[image_id]
+        return None
 
 
 # ----------------------------------------------------------------------------------------------- worker I/O
@@ -200,11 +226,12 @@ async def expiry_loop(state: ControllerState) -> None:
         state.registry.expire()
 
 
-async def open_upstream(state: ControllerState, endpoint: str, body: bytes, model: str) -> tuple[str, httpx.Response]:
+async def open_upstream(state: ControllerState, endpoint: str, body: bytes, model: str,
+                        prefer: str | None = None) -> tuple[str, httpx.Response]:
     """Send the request to a worker for `model`; unreachable workers are dropped and the next one is tried."""
     tried: set[str] = set()
     while True:
-        url = state.registry.choose(model, exclude=tried)
+        url = state.registry.choose(model, exclude=tried, prefer=prefer)
         if url is None:
             if not tried:
                 raise ServeError(
@@ -234,6 +261,8 @@ async def relay(state: ControllerState, url: str, upstream: httpx.Response, endp
         async for chunk in aiter_chunks(upstream.aiter_raw(), raise_errors=False):
             if isinstance(chunk, dict) and chunk.get("error_code", 0):
                 outcome = "worker_error"
+            elif isinstance(chunk, dict):
+                state.remember_images(url, chunk)
             yield encode_chunk(chunk)
     except ServeError as e:  # cut inside a chunk, or a malformed one
         outcome = "worker_died"
@@ -263,7 +292,7 @@ async def proxy(state: ControllerState, request: Request, endpoint: str) -> Resp
         model = payload.get("model") if isinstance(payload, dict) else None
         if not isinstance(model, str) or not model:
             raise ServeError(ErrorCode.INVALID_PARAMS, "invalid request: model: a model name (string) is required")
-        url, upstream = await open_upstream(state, endpoint, body, model)
+        url, upstream = await open_upstream(state, endpoint, body, model, prefer=state.owner_of(payload))
     except ServeError as e:
         state.metrics.requests.labels(endpoint, e.code.name.lower()).inc()
         return error_response(e, framed=True)

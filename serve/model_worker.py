@@ -52,7 +52,9 @@ from serve.common import (
     config_from_args, decode_image_payload, encode_chunk, engine_config_from_args, error_response, parse_body,
     server_parser, setup_logging,
 )
-from serve.protocol import DEFAULT_CONTROLLER_URL, ErrorCode, GenerateMessagesRequest, GenerateStreamRequest, ServeError, Usage
+from serve.protocol import (
+    DEFAULT_CONTROLLER_URL, ErrorCode, GenerateMessagesRequest, GenerateStreamRequest, ServeError, Usage, image_ref,
+)
 from serve.serving import ImageLimits, Prepared, ServingModel, is_out_of_memory
 
 logger = setup_logging("serve.model_worker")
@@ -159,7 +161,8 @@ async def heart_beat_loop(state: WorkerState) -> None:
 
 def final_chunk(state: WorkerState, handle: RequestHandle, prepared: Prepared) -> dict:
     result = handle.result(timeout=0)
-    usage = Usage(len(prepared.input_ids), result.completion_tokens, prepared.image_tokens)
+    usage = Usage(len(prepared.input_ids), result.completion_tokens, prepared.image_tokens,
+                  tuple(im.key for im in prepared.images))
     state.metrics.completion_tokens.inc(result.completion_tokens)
     if result.time_to_first_token is not None:
         state.metrics.ttft.observe(result.time_to_first_token)
@@ -172,22 +175,39 @@ async def stream(
     """Engine events as framed chunks; a client that leaves cancels the request (finally)."""
     text = ""
     outcome = "cancelled"
+    pending = []  # log-probabilities of tokens whose text is not sent yet
+    want_logprobs = prepared.sampling.logprobs is not None
+
+    def logprobs() -> dict:
+        if not want_logprobs:
+            return {}
+        entries = state.serving.logprob_entries(pending)
+        pending.clear()
+        return {"logprobs": entries}
+
     try:
         async for ev in handle:
             text += ev.text
+            if ev.logprob is not None:
+                pending.append(ev.logprob)
             if not ev.finished:
                 if ev.text:
-                    yield encode_chunk({"text": echo + text, "delta": ev.text, "error_code": 0, "finish_reason": None})
+                    yield encode_chunk({"text": echo + text, "delta": ev.text, "error_code": 0, "finish_reason": None,
+                                        **logprobs()})
                 continue
             if ev.finish_reason in ("stop", "length"):
                 outcome = "ok"
                 extra = final_chunk(state, handle, prepared)
-                yield encode_chunk({"text": echo + text, "delta": ev.text, "error_code": 0, **extra})
+                yield encode_chunk({"text": echo + text, "delta": ev.text, "error_code": 0, **extra, **logprobs()})
             else:
                 message = ev.error or f"generation ended: {ev.finish_reason}"
                 code = ErrorCode.OUT_OF_MEMORY if is_out_of_memory(message) else ErrorCode.GENERATION_FAILED
                 outcome = code.name.lower()
                 yield encode_chunk(ServeError(code, f"generation failed: {message}").to_chunk())
+    except Exception as e:  # a bug while streaming: the client gets the cause as an error chunk, not a cut stream
+        logger.exception("streaming request %s failed", handle.request_id)
+        outcome = "internal"
+        yield encode_chunk(ServeError(ErrorCode.INTERNAL, f"streaming failed: {type(e).__name__}: {e}").to_chunk())
     finally:
         if not handle.done:
             handle.cancel()
@@ -203,7 +223,8 @@ async def generate(state: WorkerState, request: Request, endpoint: str) -> Respo
         req = await parse_body(request, model, state.config.max_body_bytes, on_unknown=state.note_unknown)
         if req.model is not None and req.model not in state.serving.names:
             raise ServeError(ErrorCode.UNKNOWN_MODEL, f"this worker serves {state.serving.names}, not {req.model!r}")
-        images = [decode_image_payload(p, i, state.config.limits.max_bytes) for i, p in enumerate(req.images)]
+        images = [image_ref(p) or decode_image_payload(p, i, state.config.limits.max_bytes)
+                  for i, p in enumerate(req.images)]
         if isinstance(req, GenerateStreamRequest):
             prepared = await asyncio.to_thread(state.serving.prepare_prompt, req, images)
             echo = req.prompt

@@ -36,13 +36,14 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
+from llava.config import MAX_TOP_LOGPROBS
 from llava.image_data import MAX_IMAGE_BYTES
 from llava.templates import IMAGE_PLACEHOLDER
 from serve.common import (
     DEFAULT_MAX_BODY_BYTES, FRAME_DELIMITER, aiter_chunks, config_from_args, fetch_image_url, iter_chunks,
     parse_body, server_parser, setup_logging,
 )
-from serve.protocol import DEFAULT_CONTROLLER_URL, ErrorCode, ServeError
+from serve.protocol import DEFAULT_CONTROLLER_URL, IMAGE_REF_SCHEME, ErrorCode, ServeError, image_ref
 
 logger = setup_logging("serve.openai_api_server")
 
@@ -50,6 +51,9 @@ IMAGE_MARKER = IMAGE_PLACEHOLDER  # the marker the worker's renderer expands
 
 
 # ----------------------------------------------------------------------------------------------- schemas
+
+
+MAX_CHOICES = 16  # `n`: choices per request (each is one request in the worker's batch)
 
 
 class ImageURL(BaseModel):
@@ -60,6 +64,7 @@ class ImageURL(BaseModel):
 class ContentPart(BaseModel):
     type: Literal["text", "image_url"]
     text: str | None = None
+    uuid: str | None = None  # with no image_url: the id of an image sent before (usage.image_ids)
     image_url: ImageURL | None = None
 
 
@@ -88,7 +93,9 @@ class ChatCompletionRequest(BaseModel):
     stream_options: StreamOptions | None = None
     stop: str | list[str] | None = None
     seed: int | None = None
-    n: int = 1
+    n: int = Field(1, ge=1, le=MAX_CHOICES)  # choices generated together (seed + i for choice i when seeded)
+    logprobs: bool = False
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
     image_mode: Literal["pad", "resize", "crop", "anyres", "default"] | None = None
 
 
@@ -135,8 +142,11 @@ def check_api_key(config: OpenAIConfig, request: Request) -> None:
 
 
 async def image_payload(config: OpenAIConfig, url: str, index: int) -> str:
-    """What the worker receives for an image_url: data URIs as they are; http(s) fetched here (if enabled)."""
+    """What the worker receives for an image_url: data URIs and image ids as they are; http(s) fetched here (if
+    enabled)."""
     if url.startswith("data:"):
+        return url
+    if image_ref(url):  # a malformed id raises a 400 naming it
         return url
     if url.startswith(("http://", "https://")):
         if not config.allow_image_urls:
@@ -149,7 +159,8 @@ async def image_payload(config: OpenAIConfig, url: str, index: int) -> str:
             fetch_image_url, url, max_bytes=config.image_url_max_bytes, timeout=config.image_url_timeout,
         )
         return base64.b64encode(data).decode()
-    raise ServeError(ErrorCode.BAD_IMAGE, f"image {index}: image_url must be a data: URI or an http(s) URL")
+    raise ServeError(ErrorCode.BAD_IMAGE, f"image {index}: image_url must be a data: URI, an http(s) URL or "
+                                          f"{IMAGE_REF_SCHEME}<id> (an id from a previous reply's usage)")
 
 
 async def to_worker_messages(config: OpenAIConfig, messages: list[Message]) -> tuple[list[dict], list[str]]:
@@ -165,6 +176,9 @@ async def to_worker_messages(config: OpenAIConfig, messages: list[Message]) -> t
         for part in msg.content:
             if part.type == "text":
                 pieces.append(part.text or "")
+            elif part.image_url is None and part.uuid:  # vLLM's way to refer to an image sent before
+                images.append(await image_payload(config, IMAGE_REF_SCHEME + part.uuid, len(images)))
+                pieces.append(IMAGE_MARKER)
             elif part.image_url is None:
                 raise ServeError(
                     ErrorCode.INVALID_PARAMS, f"invalid request: messages.{i}: image_url part without image_url"
@@ -177,8 +191,8 @@ async def to_worker_messages(config: OpenAIConfig, messages: list[Message]) -> t
 
 
 async def worker_payload(config: OpenAIConfig, req: ChatCompletionRequest) -> dict:
-    if req.n != 1:
-        raise ServeError(ErrorCode.INVALID_PARAMS, f"invalid request: n: only n=1 is supported, got {req.n}")
+    if req.top_logprobs is not None and not req.logprobs:
+        raise ServeError(ErrorCode.INVALID_PARAMS, "invalid request: top_logprobs: needs logprobs set to true")
     messages, images = await to_worker_messages(config, req.messages)
     given = [t for t in (req.max_completion_tokens, req.max_tokens) if t is not None]
     max_tokens = given[0] if given else config.default_max_tokens  # 0 or less is refused by the worker
@@ -186,7 +200,14 @@ async def worker_payload(config: OpenAIConfig, req: ChatCompletionRequest) -> di
         "model": req.model, "messages": messages, "images": images, "temperature": req.temperature,
         "top_p": req.top_p, "top_k": req.top_k, "repetition_penalty": req.repetition_penalty,
         "max_new_tokens": max_tokens, "stop": req.stop, "seed": req.seed, "image_mode": req.image_mode,
+        "logprobs": (req.top_logprobs or 0) if req.logprobs else None,
     }
+
+
+def choice_payloads(payload: dict, n: int) -> list[dict]:
+    """One worker request per choice; a seeded request's choice i samples with seed + i (all differ, all repeat)."""
+    seed = payload.get("seed")
+    return [payload if i == 0 or seed is None else {**payload, "seed": seed + i} for i in range(n)]
 
 
 # ----------------------------------------------------------------------------------------------- upstream
@@ -208,6 +229,19 @@ async def open_generation(state: OpenAIState, payload: dict) -> httpx.Response:
         await upstream.aclose()
         raise error_from_body(body, upstream.status_code)
     return upstream
+
+
+async def open_generations(state: OpenAIState, payloads: list[dict]) -> list[httpx.Response]:
+    """One upstream stream per choice, opened together; if any is refused, the others are closed and its error
+    raised."""
+    results = await asyncio.gather(*(open_generation(state, p) for p in payloads), return_exceptions=True)
+    failed = [r for r in results if isinstance(r, BaseException)]
+    if failed:
+        for r in results:
+            if isinstance(r, httpx.Response):
+                await r.aclose()
+        raise failed[0]
+    return list(results)
 
 
 def error_from_body(body: bytes, status: int) -> ServeError:
@@ -237,46 +271,111 @@ def usage_dict(usage: dict | None) -> dict | None:
     return {
         "prompt_tokens": usage["prompt_tokens"], "completion_tokens": usage["completion_tokens"],
         "total_tokens": usage["total_tokens"],
-        "prompt_tokens_details": {"image_tokens": usage.get("image_tokens", 0), "cached_tokens": 0},
+        "prompt_tokens_details": {"image_tokens": usage.get("image_tokens", 0), "cached_tokens": 0,
+                                  "image_ids": usage.get("image_ids", [])},
     }
 
 
-async def complete(upstream: httpx.Response, req: ChatCompletionRequest, rid: str, created: int) -> dict:
-    text, finish, usage = "", None, None
-    async for chunk in upstream_chunks(upstream):
-        text += chunk.get("delta", "")
-        if chunk.get("finish_reason"):
-            finish, usage = chunk["finish_reason"], chunk.get("usage")
+def total_usage(usages: list[dict | None]) -> dict | None:
+    """One prompt (counted once, as OpenAI does for n choices) and every choice's completion tokens."""
+    if not usages or any(u is None for u in usages):
+        return None
+    completion = sum(u["completion_tokens"] for u in usages)
+    return {**usages[0], "completion_tokens": completion, "total_tokens": usages[0]["prompt_tokens"] + completion}
+
+
+def choice_logprobs(req: ChatCompletionRequest, entries: list | None) -> dict | None:
+    return {"content": entries or [], "refusal": None} if req.logprobs else None
+
+
+async def complete(upstreams: list[httpx.Response], req: ChatCompletionRequest, rid: str, created: int) -> dict:
+    async def one(index: int, upstream: httpx.Response) -> tuple[dict, dict | None]:
+        text, finish, usage, entries = "", None, None, []
+        async for chunk in upstream_chunks(upstream):
+            text += chunk.get("delta", "")
+            entries += chunk.get("logprobs") or []
+            if chunk.get("finish_reason"):
+                finish, usage = chunk["finish_reason"], chunk.get("usage")
+        choice = {"index": index, "message": {"role": "assistant", "content": text}, "finish_reason": finish,
+                  "logprobs": choice_logprobs(req, entries)}
+        return choice, usage
+
+    done = await gather_all(one(i, u) for i, u in enumerate(upstreams))
     return {
         "id": rid, "object": "chat.completion", "created": created, "model": req.model,
-        "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish,
-                     "logprobs": None}],
-        "usage": usage_dict(usage),
+        "choices": [c for c, _ in done], "usage": usage_dict(total_usage([u for _, u in done])),
     }
+
+
+async def gather_all(aws) -> list:
+    """asyncio.gather that cancels the others when one fails (their upstreams close in `upstream_chunks`)."""
+    tasks = [asyncio.ensure_future(a) for a in aws]
+    try:
+        return await asyncio.gather(*tasks)
+    finally:
+        for t in tasks:
+            t.cancel()
 
 
 def sse(data: dict | str) -> bytes:
     return f"data: {data if isinstance(data, str) else json.dumps(data)}\n\n".encode()
 
 
+async def merged_chunks(upstreams: list[httpx.Response]) -> AsyncIterator[tuple[int, dict]]:
+    """(choice index, chunk) from every upstream as they arrive; an error in one stops all."""
+    if len(upstreams) == 1:
+        async for c in upstream_chunks(upstreams[0]):
+            yield 0, c
+        return
+    queue: asyncio.Queue = asyncio.Queue()
+
+    async def pump(i: int, upstream: httpx.Response) -> None:
+        try:
+            async for c in upstream_chunks(upstream):
+                await queue.put((i, c))
+        except BaseException as e:  # noqa: BLE001  (handed to the consumer, which re-raises it)
+            await queue.put((i, e))
+        else:
+            await queue.put((i, None))
+
+    tasks = [asyncio.create_task(pump(i, u)) for i, u in enumerate(upstreams)]
+    try:
+        running = len(tasks)
+        while running:
+            i, item = await queue.get()
+            if item is None:
+                running -= 1
+            elif isinstance(item, BaseException):
+                raise item
+            else:
+                yield i, item
+    finally:
+        for t in tasks:
+            t.cancel()
+
+
 async def stream_sse(
-    upstream: httpx.Response, req: ChatCompletionRequest, rid: str, created: int
+    upstreams: list[httpx.Response], req: ChatCompletionRequest, rid: str, created: int
 ) -> AsyncIterator[bytes]:
     base = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": req.model}
     want_usage = bool(req.stream_options and req.stream_options.include_usage)
+    usages: list[dict | None] = [None] * len(upstreams)
 
-    def chunk(delta: dict, finish: str | None = None) -> bytes:
-        return sse({**base, "choices": [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}]})
+    def chunk(index: int, delta: dict, finish: str | None = None, logprobs: list | None = None) -> bytes:
+        lp = choice_logprobs(req, logprobs) if logprobs else None
+        return sse({**base, "choices": [{"index": index, "delta": delta, "finish_reason": finish, "logprobs": lp}]})
 
-    yield chunk({"role": "assistant", "content": ""})
+    for i in range(len(upstreams)):
+        yield chunk(i, {"role": "assistant", "content": ""})
     try:
-        async for c in upstream_chunks(upstream):
-            if c.get("delta"):
-                yield chunk({"content": c["delta"]})
+        async for i, c in merged_chunks(upstreams):
+            if c.get("delta") or c.get("logprobs"):
+                yield chunk(i, {"content": c.get("delta", "")}, logprobs=c.get("logprobs"))
             if c.get("finish_reason"):
-                yield chunk({}, c["finish_reason"])
-                if want_usage:
-                    yield sse({**base, "choices": [], "usage": usage_dict(c.get("usage"))})
+                usages[i] = c.get("usage")
+                yield chunk(i, {}, c["finish_reason"])
+        if want_usage:
+            yield sse({**base, "choices": [], "usage": usage_dict(total_usage(usages))})
     except ServeError as e:
         yield sse({"error": {"message": e.message, "type": "server_error", "code": e.code.name.lower(), "param": None}})
         return
@@ -325,11 +424,12 @@ def create_app(config: OpenAIConfig | None = None) -> FastAPI:
         s = st(request)
         check_api_key(s.config, request)
         req = await parse_body(request, ChatCompletionRequest, s.config.max_body_bytes)
-        upstream = await open_generation(s, await worker_payload(s.config, req))
+        payloads = choice_payloads(await worker_payload(s.config, req), req.n)
+        upstreams = await open_generations(s, payloads)
         rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         if req.stream:
-            return StreamingResponse(stream_sse(upstream, req, rid, created), media_type="text/event-stream")
-        return JSONResponse(await complete(upstream, req, rid, created))
+            return StreamingResponse(stream_sse(upstreams, req, rid, created), media_type="text/event-stream")
+        return JSONResponse(await complete(upstreams, req, rid, created))
 
     @app.get("/health")
     async def health(request: Request):

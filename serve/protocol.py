@@ -13,12 +13,16 @@ Promises:
 Stream framing (worker and controller `/worker_generate_stream`, `/worker_generate_messages`): a sequence of
 UTF-8 JSON objects, each followed by one NUL byte (b"\\0"). Every chunk has `text` and `error_code`; the last chunk
 of a successful stream has a non-null `finish_reason` and `usage`. An error after the stream started arrives as a
-final chunk with `error_code != 0`. An error found before generation starts is answered with the fitting HTTP 4xx/5xx
+final chunk with `error_code != 0`. With `logprobs: k` each chunk also carries `logprobs`: OpenAI's entries for
+the tokens whose text it brings. The final `usage` lists `image_ids`: a later request to the same worker may send
+`llava-image://<id>` in `images` instead of the image (served from its feature cache; the controller routes it to
+the worker that encoded it; an id it no longer holds is a 404 `unknown_image`). An error found before generation starts is answered with the fitting HTTP 4xx/5xx
 status and a body that is one such framed error chunk (so LLaVA clients, which ignore the status, still see it).
 """
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from enum import IntEnum
 from typing import Any, Literal
@@ -27,6 +31,19 @@ from pydantic import BaseModel, ConfigDict, Field
 
 
 DEFAULT_CONTROLLER_URL = "http://127.0.0.1:21001"  # LLaVA's controller port, on loopback
+IMAGE_REF_SCHEME = "llava-image://"  # an image sent by the id a previous reply's usage.image_ids gave
+IMAGE_ID = re.compile(r"[0-9a-f]{64}\.[A-Za-z0-9_-]{1,80}")  # ProcessedImage.key: content hash . processing
+
+
+def image_ref(value: object) -> str | None:
+    """The id inside `llava-image://<id>`, None for anything else; a malformed id is a 400 naming it."""
+    if not isinstance(value, str) or not value.startswith(IMAGE_REF_SCHEME):
+        return None
+    image_id = value[len(IMAGE_REF_SCHEME):]
+    if not IMAGE_ID.fullmatch(image_id):
+        raise ServeError(ErrorCode.BAD_IMAGE, f"malformed image id {image_id[:100]!r} in {IMAGE_REF_SCHEME}<id>: "
+                                              "use an id from a previous reply's usage.image_ids")
+    return image_id
 
 
 class ErrorCode(IntEnum):
@@ -50,6 +67,7 @@ class ErrorCode(IntEnum):
     OVERLOADED = 51  # the worker's queue is full (limit-model-concurrency)
     GENERATION_FAILED = 52  # the engine failed while generating
     TOO_MANY_IMAGES = 53  # more images in one request than the server allows (--max-images)
+    UNKNOWN_IMAGE = 54  # an image sent by id that this worker has not encoded, or no longer holds
 
 
 ERROR_STATUS: dict[ErrorCode, int] = {
@@ -70,6 +88,7 @@ ERROR_STATUS: dict[ErrorCode, int] = {
     ErrorCode.OUT_OF_MEMORY: 507,
     ErrorCode.OVERLOADED: 503,
     ErrorCode.GENERATION_FAILED: 500,
+    ErrorCode.UNKNOWN_IMAGE: 404,
     ErrorCode.TOO_MANY_IMAGES: 400,
 }
 
@@ -151,6 +170,8 @@ class SamplingFields(BaseModel):
     seed: int | None = None
     stop: str | list[str] | None = None
     image_mode: Literal["pad", "resize", "crop", "anyres", "default"] | None = None
+    # k: each chunk carries `logprobs`, OpenAI's entries {token, logprob, bytes, top_logprobs (k)} of its tokens
+    logprobs: int | None = None
 
 
 class GenerateStreamRequest(SamplingFields):
@@ -179,11 +200,13 @@ class Usage:
     prompt_tokens: int  # includes image_tokens
     completion_tokens: int
     image_tokens: int
+    image_ids: tuple[str, ...] = ()  # each image's id: send `llava-image://<id>` later instead of the image
 
-    def to_dict(self) -> dict[str, int]:
+    def to_dict(self) -> dict:
         return {
             "prompt_tokens": self.prompt_tokens,
             "completion_tokens": self.completion_tokens,
             "total_tokens": self.prompt_tokens + self.completion_tokens,
             "image_tokens": self.image_tokens,
+            "image_ids": list(self.image_ids),
         }

@@ -16,7 +16,7 @@ from llava.config import EngineConfig, LoadOptions
 from llava.engine import Engine, GenerationRequest, InvalidRequestError, PromptTooLongError, RequestHandle
 from llava.images import MAX_IMAGE_BYTES, MAX_IMAGE_PIXELS, ImageError, ProcessedImage, load_image
 from llava.loading import LoadedModel, LoadError, load_model
-from llava.sampling import InvalidSamplingParamsError, SamplingParams
+from llava.sampling import InvalidSamplingParamsError, SamplingParams, TokenLogprob, token_bytes
 from llava.templates import IMAGE_PLACEHOLDER, ImageCountError, TemplateError, normalize_messages, stop_token_ids
 from serve.protocol import ErrorCode, GenerateStreamRequest, SamplingFields, ServeError
 
@@ -87,6 +87,19 @@ class ServingModel:
         self.engine.submit(GenerationRequest(ids, [], SamplingParams(max_new_tokens=2, ignore_eos=True))).result(300)
         return time.perf_counter() - t0
 
+    # -- log-probabilities
+
+    def logprob_entries(self, logprobs: Sequence[TokenLogprob]) -> list[dict]:
+        """OpenAI's `logprobs.content` entries: token text, its UTF-8 bytes, logprob and the top alternatives."""
+        tok = self.loaded.tokenizer
+
+        def entry(token_id: int, logprob: float) -> dict:
+            data = token_bytes(tok, token_id)
+            return {"token": data.decode("utf-8", errors="replace"), "logprob": logprob, "bytes": list(data)}
+
+        return [{**entry(lp.token_id, lp.logprob), "top_logprobs": [entry(i, v) for i, v in lp.top]}
+                for lp in logprobs]
+
     # -- preparing
 
     def sampling(self, f: SamplingFields) -> SamplingParams:
@@ -97,29 +110,42 @@ class ServingModel:
                 max_new_tokens=f.max_new_tokens,
                 temperature=0.0 if 0 <= f.temperature <= GREEDY_BELOW else f.temperature,
                 top_p=f.top_p, top_k=f.top_k, repetition_penalty=f.repetition_penalty, seed=f.seed,
-                stop=tuple(stops),
+                stop=tuple(stops), logprobs=f.logprobs,
             )
         except InvalidSamplingParamsError as e:
             raise ServeError(ErrorCode.INVALID_PARAMS, str(e)) from None
 
-    def process_images(self, images: Sequence[bytes], image_mode: str | None) -> list[ProcessedImage]:
+    def process_images(self, images: Sequence[bytes | str], image_mode: str | None) -> list[ProcessedImage]:
+        """Image bytes decoded and processed; a `str` is the id of an image this worker encoded before (its
+        features come from the engine's cache, as that image was processed then)."""
         if len(images) > self.limits.max_images:
             raise ServeError(
                 ErrorCode.TOO_MANY_IMAGES,
                 f"{len(images)} images in one request; this worker allows at most {self.limits.max_images}",
             )
+        out: list[ProcessedImage | None] = [None] * len(images)
         decoded = []
         for i, data in enumerate(images):
+            if isinstance(data, str):
+                out[i] = self.engine.cached_image(data)
+                if out[i] is None:
+                    raise ServeError(ErrorCode.UNKNOWN_IMAGE, f"image {i}: unknown image id {data}: this worker has "
+                                     "not encoded it or no longer holds its features; send the image itself")
+                continue
             try:
-                decoded.append(load_image(data, max_bytes=self.limits.max_bytes, max_pixels=self.limits.max_pixels))
+                decoded.append((i, load_image(data, max_bytes=self.limits.max_bytes,
+                                              max_pixels=self.limits.max_pixels)))
             except ImageError as e:
                 raise ServeError(ErrorCode.BAD_IMAGE, f"image {i}: {e}") from None
         try:
-            return self.loaded.process_images(decoded, image_mode=image_mode)
+            processed = self.loaded.process_images([im for _, im in decoded], image_mode=image_mode)
         except LoadError as e:
             raise ServeError(ErrorCode.INVALID_PARAMS, str(e)) from None
         except ImageError as e:
             raise ServeError(ErrorCode.BAD_IMAGE, str(e)) from None
+        for (i, _), im in zip(decoded, processed):
+            out[i] = im
+        return out
 
     def tokenize_prompt(self, prompt: str, images: Sequence[ProcessedImage]) -> list[int]:
         """Ids of an already templated prompt, each `<image>` token repeated for its image's token count."""
@@ -140,7 +166,7 @@ class ServingModel:
             prev = pos + 1
         return out + ids[prev:]
 
-    def prepare_prompt(self, req: GenerateStreamRequest, images: Sequence[bytes]) -> Prepared:
+    def prepare_prompt(self, req: GenerateStreamRequest, images: Sequence[bytes | str]) -> Prepared:
         """The LLaVA raw-prompt path."""
         if not req.prompt.replace(IMAGE_PLACEHOLDER, "").strip() and not images:
             raise ServeError(ErrorCode.EMPTY_PROMPT, "the prompt is empty")
@@ -149,7 +175,7 @@ class ServingModel:
         processed = self.process_images(images, req.image_mode)
         return Prepared(self.tokenize_prompt(req.prompt, processed), processed, sampling)
 
-    def prepare_messages(self, messages: list[dict], images: Sequence[bytes], fields: SamplingFields) -> Prepared:
+    def prepare_messages(self, messages: list[dict], images: Sequence[bytes | str], fields: SamplingFields) -> Prepared:
         """The structured path: messages rendered with the model's own template."""
         try:
             normalize_messages(messages)

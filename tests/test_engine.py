@@ -520,6 +520,64 @@ def test_seeded_sampling_is_reproducible_alone_and_batched(model, tok):
     assert alone != greedy
 
 
+def test_logprobs_equal_log_softmax_of_the_models_logits(model, tok):
+    """Each generated token's logprob and its top alternatives are the log-softmax of transformers' logits at that
+    position (over the tokens the engine can generate: the image token is never one), sampled or greedy, alone or
+    batched beside requests that did not ask; a final EOS gets none."""
+    img = _image(3)
+    ids = _prompt(tok, "what is this", 1)
+    sampled = SamplingParams(max_new_tokens=8, temperature=1.5, seed=7, ignore_eos=True, logprobs=5)
+    eng = _engine(model, tok)
+    others = [eng.submit(r) for r in _mixed_requests(tok)[:2]]
+    h = eng.submit(GenerationRequest(ids, [img], sampled))
+    eng.run_until_idle()
+    res = h.result()
+    assert res.logprobs is not None and len(res.logprobs) == len(res.token_ids) == 8
+    assert all(o.result().logprobs is None for o in others)
+    with torch.no_grad():
+        logits = model(input_ids=torch.tensor([ids + res.token_ids]), pixel_values=img.pixel_values[None]).logits[0]
+    logits[:, tok.image_token_id] = float("-inf")
+    ref = torch.log_softmax(logits[len(ids) - 1 : -1].float(), dim=-1)
+    for i, lp in enumerate(res.logprobs):
+        assert lp.token_id == res.token_ids[i]
+        assert lp.logprob == pytest.approx(float(ref[i, lp.token_id]), abs=1e-4)
+        top_v, top_i = ref[i].topk(5)
+        assert [t for t, _ in lp.top] == top_i.tolist()
+        assert [v for _, v in lp.top] == pytest.approx(top_v.tolist(), abs=1e-4)
+    # greedy: the chosen token is the top alternative; logprobs=0 lists no alternatives
+    greedy = _solo(model, tok, GenerationRequest(ids, [img], _greedy(4, logprobs=0)))
+    assert all(lp.top == () for lp in greedy.logprobs)
+    with pytest.raises(InvalidSamplingParamsError, match="logprobs"):
+        SamplingParams(logprobs=21)
+
+
+def test_an_image_sent_by_id_uses_the_cached_features(model, tok):
+    img = _image(4)
+    ids = _prompt(tok, "what is this", 1)
+    eng = _engine(model, tok)
+    assert eng.cached_image(img.key) is None
+    h = eng.submit(GenerationRequest(ids, [img], _greedy(6)))
+    eng.run_until_idle()
+    ref = eng.cached_image(img.key)
+    assert ref is not None and ref.pixel_values is None and ref.num_tokens == IMAGE_TOKENS
+    h2 = eng.submit(GenerationRequest(ids, [ref], _greedy(6)))
+    eng.run_until_idle()
+    assert h2.result().token_ids == h.result().token_ids
+    bad = type(ref)(None, (0, 0), IMAGE_TOKENS, "x", features=ref.features[:3])
+    with pytest.raises(InvalidRequestError, match="features must be"):
+        eng.submit(GenerationRequest(ids, [bad], _greedy(2)))
+
+
+def test_a_final_eos_has_no_logprob(model, tok):
+    ids = _prompt(tok, "hello", 0)
+    first = _solo(model, tok, GenerationRequest(ids, [], _greedy(1))).token_ids[0]
+    eng = Engine(model, tok, eos_token_ids=[first])  # the first greedy token ends the request
+    h = eng.submit(GenerationRequest(ids, [], SamplingParams(max_new_tokens=5, logprobs=2)))
+    eng.run_until_idle()
+    res = h.result()
+    assert res.token_ids == [first] and res.finish_reason == "stop" and res.logprobs == []
+
+
 # ------------------------------------------------------------------------------------------------ quantized
 
 

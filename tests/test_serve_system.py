@@ -147,6 +147,99 @@ def test_openai_sdk_stream_and_non_stream(cluster):
     assert chunks[-1]["text"] == text
 
 
+def test_openai_logprobs_and_n_choices(cluster):
+    import openai
+
+    client = openai.OpenAI(base_url=cluster.procs["openai"].url + "/v1", api_key=API_KEY, max_retries=0)
+    messages = [{"role": "user", "content": "Say something"}]
+    done = client.chat.completions.create(model=MODEL, messages=messages, temperature=0, max_tokens=6,
+                                          logprobs=True, top_logprobs=3)
+    content = done.choices[0].logprobs.content
+    assert len(content) == done.usage.completion_tokens or done.choices[0].finish_reason == "stop"
+    assert b"".join(bytes(t.bytes) for t in content).decode("utf-8", "replace") == done.choices[0].message.content
+    for t in content:  # greedy: the chosen token is the likeliest, and the alternatives are sorted
+        assert len(t.top_logprobs) == 3 and t.top_logprobs[0].token == t.token
+        assert t.logprob <= 0 and [a.logprob for a in t.top_logprobs] == sorted(
+            (a.logprob for a in t.top_logprobs), reverse=True)
+    streamed = []
+    for chunk in client.chat.completions.create(model=MODEL, messages=messages, temperature=0, max_tokens=6,
+                                                logprobs=True, top_logprobs=3, stream=True):
+        for choice in chunk.choices:
+            streamed += choice.logprobs.content if choice.logprobs else []
+    assert [(t.token, round(t.logprob, 4)) for t in streamed] == [(t.token, round(t.logprob, 4)) for t in content]
+    assert client.chat.completions.create(model=MODEL, messages=messages, max_tokens=2).choices[0].logprobs is None
+
+    # n choices: seeded choice i samples with seed + i, the prompt is counted once
+    kw = dict(model=MODEL, messages=messages, temperature=1.5, max_tokens=8)
+    many = client.chat.completions.create(n=3, seed=11, **kw)
+    assert [c.index for c in many.choices] == [0, 1, 2]
+    singles = [client.chat.completions.create(seed=11 + i, **kw) for i in range(3)]
+    assert [c.message.content for c in many.choices] == [r.choices[0].message.content for r in singles]
+    assert many.usage.prompt_tokens == singles[0].usage.prompt_tokens
+    assert many.usage.completion_tokens == sum(r.usage.completion_tokens for r in singles)
+    texts = {i: "" for i in range(3)}
+    for chunk in client.chat.completions.create(n=3, seed=11, stream=True, **kw):
+        for c in chunk.choices:
+            texts[c.index] += c.delta.content or ""
+    assert list(texts.values()) == [c.message.content for c in many.choices]
+    with pytest.raises(openai.BadRequestError, match="n"):
+        client.chat.completions.create(n=17, **kw)
+    with pytest.raises(openai.BadRequestError, match="top_logprobs"):
+        client.chat.completions.create(top_logprobs=2, **kw)
+    with pytest.raises(openai.BadRequestError, match="top_logprobs"):
+        client.chat.completions.create(logprobs=True, top_logprobs=21, **kw)
+
+
+def test_openai_image_sent_again_by_id(cluster):
+    """A reply lists each image's id; a later request may send the id instead of the bytes (the controller routes
+    it to the worker that holds its features, among the two workers here); unknown ids are a 404 naming them."""
+    import openai
+
+    client = openai.OpenAI(base_url=cluster.procs["openai"].url + "/v1", api_key=API_KEY, max_retries=0)
+    image = {"type": "image_url", "image_url": {"url": "data:image/png;base64," + b64(png((10, 20, 200)))}}
+    first = client.chat.completions.create(model=MODEL, temperature=0, max_tokens=8, messages=[
+        {"role": "user", "content": [image, {"type": "text", "text": "What color?"}]}])
+    (image_id,) = first.usage.prompt_tokens_details.image_ids
+    for part in ({"type": "image_url", "image_url": {"url": "llava-image://" + image_id}},
+                 {"type": "image_url", "uuid": image_id}):  # vLLM's form
+        for _ in range(3):  # whichever worker is less busy, the one holding the image answers
+            again = client.chat.completions.create(model=MODEL, temperature=0, max_tokens=8, messages=[
+                {"role": "user", "content": [part, {"type": "text", "text": "What color?"}]}])
+            assert again.choices[0].message.content == first.choices[0].message.content
+            assert again.usage.prompt_tokens == first.usage.prompt_tokens
+    unknown = "0" * 64 + ".pad32-0000000000000000"
+    with pytest.raises(openai.NotFoundError, match="unknown image id"):
+        client.chat.completions.create(model=MODEL, max_tokens=2, messages=[{"role": "user", "content": [
+            {"type": "image_url", "image_url": {"url": "llava-image://" + unknown}}, {"type": "text", "text": "?"}]}])
+    with pytest.raises(openai.BadRequestError, match="malformed image id"):
+        client.chat.completions.create(model=MODEL, max_tokens=2, messages=[{"role": "user", "content": [
+            {"type": "image_url", "image_url": {"url": "llava-image://../etc"}}, {"type": "text", "text": "?"}]}])
+
+
+def test_controller_routes_image_ids_to_the_worker_holding_them(cluster, ctl):
+    image = b64(png((200, 30, 30)))
+    ask = {"messages": [{"role": "user", "content": "<image>\nWhat color?"}]}
+    with httpx.stream("POST", ctl + "/worker_generate_messages", json=greedy({**ask, "images": [image]}),
+                      timeout=60) as r:
+        owner = r.headers["x-worker-address"]
+        splitter = FrameSplitter()
+        first = [c for data in r.iter_raw() for c in splitter.feed(data)][-1]
+    (image_id,) = first["usage"]["image_ids"]
+    ref = {**ask, "images": ["llava-image://" + image_id]}
+    other = next(u for u in workers(ctl) if u != owner)
+    status, chunks = stream_chunks(other + "/worker_generate_messages", greedy(ref))
+    assert status == 404 and chunks[0]["error"]["code"] == "unknown_image" and image_id in chunks[0]["text"]
+    # keep the owner busy (a long request sending the id), so shortest-queue dispatch alone would pick the other
+    with httpx.stream("POST", ctl + "/worker_generate_messages", json=greedy(ref, max_new_tokens=480),
+                      timeout=60) as busy:
+        assert busy.headers["x-worker-address"] == owner
+        with httpx.stream("POST", ctl + "/worker_generate_messages", json=greedy(ref), timeout=60) as r:
+            assert r.status_code == 200 and r.headers["x-worker-address"] == owner
+            splitter = FrameSplitter()
+            again = [c for data in r.iter_raw() for c in splitter.feed(data)][-1]
+    assert again["text"] == first["text"] and again["usage"]["image_ids"] == [image_id]
+
+
 def test_openai_errors(cluster):
     import openai
 
