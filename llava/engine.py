@@ -34,6 +34,7 @@ import torch
 
 from llava.config import RUNNERS, EngineConfig
 from llava.hf_runner import TransformersRunner
+from llava.images import ProcessedImage
 from llava.kvcache import ImageFeatureCache, ImageRun, PrefixCache, common_prefix, images_agree
 from llava.requests import (
     CacheStats, EngineError, EngineShutDownError, EngineStats, FinishReason, GenerationEvent, GenerationRequest,
@@ -41,11 +42,11 @@ from llava.requests import (
     UnsupportedModelError, check_ids, check_images,
 )
 from llava.runner import Chunk, LlamaRunner
-from llava.images import ProcessedImage
 from llava.sampling import (
     IncrementalDetokenizer, InvalidSamplingParamsError, RowSampler, SamplingParams, StopStringMatcher,
     TokenLogprob, choose_next_tokens, make_generator, token_logprobs,
 )
+from llava.structured import ConstraintError, Guide
 
 __all__ = [
     "Engine", "EngineConfig", "EngineError", "EngineStats", "EngineShutDownError", "GenerationEvent",
@@ -80,6 +81,7 @@ class _Sequence:
     generated: list[int] = field(default_factory=list)
     text: list[str] = field(default_factory=list)
     logprobs: list[TokenLogprob] = field(default_factory=list)  # when the request asked for them
+    matcher: object | None = None  # llguidance's state when the output is constrained (llava.structured)
     cached_tokens: int = 0
     first_token_at: float | None = None
     finish_reason: FinishReason | None = None
@@ -138,6 +140,8 @@ class Engine:
         head = model.get_output_embeddings()
         lm_out = getattr(head, "out_features", None) or text_config.vocab_size
         vocab_limit = min(len(self.tokenizer), lm_out)
+        self._guide_vocab = max(len(self.tokenizer), lm_out)
+        self._guide: Guide | None = None  # llguidance's token table, built for the first constrained request
         choice = self.config.runner
         reason = LlamaRunner.unsupported_reason(model)
         if choice == "llama" and reason:
@@ -264,7 +268,14 @@ class Engine:
         params = request.sampling
         max_new = min(params.max_new_tokens, self.context_length - n)
         stop_ids = set(params.stop_token_ids) | (set() if params.ignore_eos else set(self.eos_token_ids))
+        matcher = None
+        if params.constraint is not None:
+            try:
+                matcher = self._guide_for_constraints().matcher(params.constraint)
+            except ConstraintError as e:
+                raise InvalidRequestError(f"constraint: {e}") from None
         return _Sequence(
+            matcher=matcher,
             handle=RequestHandle(request.request_id, self._wake),
             request=request,
             prompt=ids,
@@ -278,6 +289,27 @@ class Engine:
             stops=StopStringMatcher(params.stop),
             submitted_at=time.perf_counter(),
         )
+
+    def _guide_for_constraints(self) -> Guide:
+        with self._lock:
+            if self._guide is None:
+                self._guide = Guide(self.tokenizer, self._guide_vocab, self.eos_token_ids)
+            return self._guide
+
+    def _choose(self, logits: torch.Tensor, seqs: list[_Sequence]) -> tuple[list[int], list[TokenLogprob | None]]:
+        """The next token of each row (constrained rows masked first) and, where asked, its log-probabilities (of
+        the model's own distribution, before any mask)."""
+        samplers = [s.sampler for s in seqs]
+        raw = logits
+        if any(s.matcher is not None for s in seqs):
+            if any(s.sampler.params.logprobs is not None for s in seqs):
+                raw = logits.clone()
+            self._guide.mask(logits, [s.matcher for s in seqs])
+        tokens = choose_next_tokens(logits, samplers)
+        for seq, token in zip(seqs, tokens):
+            if seq.matcher is not None:
+                seq.matcher.consume_token(token)
+        return tokens, token_logprobs(raw, tokens, samplers)
 
     # ----------------------------------------------------------------------------------------------- scheduler
 
@@ -424,9 +456,8 @@ class Engine:
             if seq not in logits:
                 continue
             self._prefilling.remove(seq)
-            row = logits[seq].unsqueeze(0)
-            token = choose_next_tokens(row, [seq.sampler])[0]
-            self._advance(seq, token, token_logprobs(row, [token], [seq.sampler])[0])
+            (token,), (logprob,) = self._choose(logits[seq].unsqueeze(0), [seq])
+            self._advance(seq, token, logprob)
             if seq.finish_reason is None:
                 self._running.append(seq)
             else:  # done after one token
@@ -436,9 +467,8 @@ class Engine:
         """One token for every running request."""
         seqs = list(self._running)
         logits = self._runner.decode(seqs, [s.generated[-1] for s in seqs])  # [B, V]
-        samplers = [s.sampler for s in seqs]
-        tokens = choose_next_tokens(logits, samplers)
-        for seq, token, lp in zip(seqs, tokens, token_logprobs(logits, tokens, samplers)):
+        tokens, logprobs = self._choose(logits, seqs)
+        for seq, token, lp in zip(seqs, tokens, logprobs):
             self._advance(seq, token, lp)
         for seq in seqs:
             if seq.finish_reason is not None:
@@ -519,16 +549,20 @@ class Engine:
         if seq.first_token_at is None:
             seq.first_token_at = time.perf_counter()
         stop_token = token in seq.stop_ids
+        # a constrained output ends when its grammar is complete and cannot continue
+        grammar_done = seq.matcher is not None and not stop_token and seq.matcher.is_stopped()
         if stop_token:
             logprob = None  # an end-of-sequence / stop token is not part of the output (OpenAI lists no logprob)
         elif logprob is not None:
             seq.logprobs.append(logprob)
-        ending = stop_token or len(seq.generated) >= seq.max_new_tokens
+        if grammar_done and seq.matcher.is_error():
+            logger.warning("request %s: constraint failed: %s", seq.request.request_id, seq.matcher.get_error())
+        ending = stop_token or grammar_done or len(seq.generated) >= seq.max_new_tokens
         delta = "" if stop_token else seq.detok.push(token)
         if ending:  # an output cut mid-character ends with U+FFFD rather than silently losing bytes
             delta += seq.detok.flush()
         text, hit = seq.stops.feed(delta)
-        reason: FinishReason | None = "stop" if hit or stop_token else "length" if ending else None
+        reason: FinishReason | None = "stop" if hit or stop_token or grammar_done else "length" if ending else None
         if reason is not None and not hit:
             text += seq.stops.flush()
         seq.text.append(text)

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 import torch
 
 from llava.config import MAX_TOP_LOGPROBS
+from llava.structured import Constraint
 
 # A top-k of 0 and a top-p of 1.0 both mean "no truncation", as in transformers and vLLM.
 NO_TOP_K = 0
@@ -59,6 +60,8 @@ class SamplingParams:
     # None: no log-probabilities; k >= 0: each generated token's log-probability and the k likeliest alternatives
     # (log-softmax of the model's logits before any penalty, temperature or truncation), OpenAI's `top_logprobs`
     logprobs: int | None = None
+    # the output must match this (JSON schema, any JSON object, regex, choices, Lark grammar; llava.structured)
+    constraint: Constraint | None = None
 
     def __post_init__(self):
         _check_number("max_new_tokens", self.max_new_tokens, integer=True)
@@ -84,6 +87,9 @@ class SamplingParams:
         self._normalise_stop_token_ids()
         if not isinstance(self.ignore_eos, bool):
             raise InvalidSamplingParamsError("ignore_eos", f"expected a bool, got {self.ignore_eos!r}")
+        if self.constraint is not None and not isinstance(self.constraint, Constraint):
+            raise InvalidSamplingParamsError("constraint", f"expected a llava.structured.Constraint, got "
+                                                           f"{type(self.constraint).__name__}")
         if self.logprobs is not None:
             _check_number("logprobs", self.logprobs, integer=True)
             if not 0 <= self.logprobs <= MAX_TOP_LOGPROBS:

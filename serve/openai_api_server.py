@@ -28,7 +28,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 import httpx
 import uvicorn
@@ -74,6 +74,32 @@ class Message(BaseModel):
     name: str | None = None
 
 
+class JSONSchemaFormat(BaseModel):
+    model_config = ConfigDict(populate_by_name=True)
+
+    name: str | None = None
+    description: str | None = None
+    schema_: dict[str, Any] = Field(default_factory=dict, alias="schema")
+    strict: bool | None = None  # always strict here: the output is decoded under the schema
+
+
+class ResponseFormat(BaseModel):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JSONSchemaFormat | None = None
+
+
+class StructuredOutputs(BaseModel):
+    """vLLM's `structured_outputs` (one of them)."""
+
+    model_config = ConfigDict(populate_by_name=True)
+
+    json_: dict[str, Any] | str | None = Field(None, alias="json")
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
+    json_object: bool | None = None
+
+
 class StreamOptions(BaseModel):
     include_usage: bool = False
 
@@ -96,6 +122,12 @@ class ChatCompletionRequest(BaseModel):
     n: int = Field(1, ge=1, le=MAX_CHOICES)  # choices generated together (seed + i for choice i when seeded)
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
+    response_format: ResponseFormat | None = None
+    structured_outputs: StructuredOutputs | None = None  # vLLM
+    guided_json: dict[str, Any] | str | None = None  # vLLM's older names
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
     image_mode: Literal["pad", "resize", "crop", "anyres", "default"] | None = None
 
 
@@ -190,6 +222,31 @@ async def to_worker_messages(config: OpenAIConfig, messages: list[Message]) -> t
     return out, images
 
 
+def structured_of(req: ChatCompletionRequest) -> dict | None:
+    """The worker's `structured` field from OpenAI's response_format or vLLM's structured_outputs / guided_*."""
+    given: list[tuple[str, dict]] = []
+    rf = req.response_format
+    if rf is not None and rf.type == "json_object":
+        given.append(("response_format", {"type": "json_object"}))
+    elif rf is not None and rf.type == "json_schema":
+        if rf.json_schema is None or not rf.json_schema.schema_:
+            raise ServeError(ErrorCode.INVALID_PARAMS,
+                             "invalid request: response_format.json_schema.schema: a JSON schema is required")
+        given.append(("response_format", {"type": "json_schema", "value": rf.json_schema.schema_}))
+    so = req.structured_outputs
+    options = [] if so is None else [("json_schema", so.json_), ("regex", so.regex), ("choice", so.choice),
+                                     ("grammar", so.grammar), ("json_object", True if so.json_object else None)]
+    options += [("json_schema", req.guided_json), ("regex", req.guided_regex), ("choice", req.guided_choice),
+                ("grammar", req.guided_grammar)]
+    for kind, value in options:
+        if value is not None:
+            given.append((kind, {"type": kind, "value": None if kind == "json_object" else value}))
+    if len(given) > 1:
+        raise ServeError(ErrorCode.INVALID_PARAMS, "invalid request: give one output constraint, not several "
+                                                   "(response_format, structured_outputs, guided_*)")
+    return given[0][1] if given else None
+
+
 async def worker_payload(config: OpenAIConfig, req: ChatCompletionRequest) -> dict:
     if req.top_logprobs is not None and not req.logprobs:
         raise ServeError(ErrorCode.INVALID_PARAMS, "invalid request: top_logprobs: needs logprobs set to true")
@@ -200,7 +257,7 @@ async def worker_payload(config: OpenAIConfig, req: ChatCompletionRequest) -> di
         "model": req.model, "messages": messages, "images": images, "temperature": req.temperature,
         "top_p": req.top_p, "top_k": req.top_k, "repetition_penalty": req.repetition_penalty,
         "max_new_tokens": max_tokens, "stop": req.stop, "seed": req.seed, "image_mode": req.image_mode,
-        "logprobs": (req.top_logprobs or 0) if req.logprobs else None,
+        "logprobs": (req.top_logprobs or 0) if req.logprobs else None, "structured": structured_of(req),
     }
 
 

@@ -154,6 +154,17 @@ class GetWorkerAddressRequest(BaseModel):
 # ----------------------------------------------------------------------------------------------- generation
 
 
+class StructuredOutput(BaseModel):
+    """What the output must match: {"type": "json_schema", "value": {schema}} | {"type": "json_object"} |
+    {"type": "regex", "value": "pattern"} | {"type": "choice", "value": ["a", "b"]} | {"type": "grammar",
+    "value": "lark grammar"}."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    type: Literal["json_schema", "json_object", "regex", "choice", "grammar"]
+    value: Any = None
+
+
 class SamplingFields(BaseModel):
     """Sampling fields of both generate endpoints. LLaVA defaults: temperature 1.0 (greedy when <= 0.001).
     Unknown fields are accepted and ignored, as the original worker does (its clients send e.g. `echo`); the
@@ -172,6 +183,7 @@ class SamplingFields(BaseModel):
     image_mode: Literal["pad", "resize", "crop", "anyres", "default"] | None = None
     # k: each chunk carries `logprobs`, OpenAI's entries {token, logprob, bytes, top_logprobs (k)} of its tokens
     logprobs: int | None = None
+    structured: StructuredOutput | None = None  # the output must match it (llava.structured)
 
 
 class GenerateStreamRequest(SamplingFields):

@@ -17,6 +17,7 @@ from llava.engine import Engine, GenerationRequest, InvalidRequestError, PromptT
 from llava.images import MAX_IMAGE_BYTES, MAX_IMAGE_PIXELS, ImageError, ProcessedImage, load_image
 from llava.loading import LoadedModel, LoadError, load_model
 from llava.sampling import InvalidSamplingParamsError, SamplingParams, TokenLogprob, token_bytes
+from llava.structured import Constraint, ConstraintError
 from llava.templates import IMAGE_PLACEHOLDER, ImageCountError, TemplateError, normalize_messages, stop_token_ids
 from serve.protocol import ErrorCode, GenerateStreamRequest, SamplingFields, ServeError
 
@@ -103,6 +104,12 @@ class ServingModel:
     # -- preparing
 
     def sampling(self, f: SamplingFields) -> SamplingParams:
+        constraint = None
+        if f.structured is not None:
+            try:
+                constraint = Constraint(f.structured.type, f.structured.value)
+            except (ConstraintError, ValueError) as e:  # ValueError: a schema string that is not JSON
+                raise ServeError(ErrorCode.INVALID_PARAMS, f"invalid request: structured: {e}") from None
         stops = [f.stop] if isinstance(f.stop, str) else list(f.stop or [])
         stops += [s for s in self.loaded.template.stop_strings if s not in stops]
         try:
@@ -110,7 +117,7 @@ class ServingModel:
                 max_new_tokens=f.max_new_tokens,
                 temperature=0.0 if 0 <= f.temperature <= GREEDY_BELOW else f.temperature,
                 top_p=f.top_p, top_k=f.top_k, repetition_penalty=f.repetition_penalty, seed=f.seed,
-                stop=tuple(stops), logprobs=f.logprobs,
+                stop=tuple(stops), logprobs=f.logprobs, constraint=constraint,
             )
         except InvalidSamplingParamsError as e:
             raise ServeError(ErrorCode.INVALID_PARAMS, str(e)) from None

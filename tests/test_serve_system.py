@@ -10,6 +10,7 @@ import base64
 import io
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -238,6 +239,37 @@ def test_controller_routes_image_ids_to_the_worker_holding_them(cluster, ctl):
             splitter = FrameSplitter()
             again = [c for data in r.iter_raw() for c in splitter.feed(data)][-1]
     assert again["text"] == first["text"] and again["usage"]["image_ids"] == [image_id]
+
+
+def test_openai_structured_output(cluster):
+    """response_format json_schema / json_object and vLLM's structured_outputs / guided_* through the SDK, streaming
+    and not: the tiny random model's replies parse and match."""
+    import openai
+
+    client = openai.OpenAI(base_url=cluster.procs["openai"].url + "/v1", api_key=API_KEY, max_retries=0)
+    schema = {"type": "object", "properties": {
+        "color": {"enum": ["red", "green", "blue"]}, "count": {"type": "integer", "minimum": 0, "maximum": 9},
+        "sizes": {"type": "array", "items": {"type": "boolean"}, "maxItems": 2}},
+        "required": ["color", "count", "sizes"], "additionalProperties": False}
+    kw = dict(model=MODEL, messages=[{"role": "user", "content": "Describe"}], max_tokens=60)
+    for temperature in (0, 1.0):
+        done = client.chat.completions.create(temperature=temperature, seed=3, **kw, response_format={
+            "type": "json_schema", "json_schema": {"name": "thing", "schema": schema, "strict": True}})
+        value = json.loads(done.choices[0].message.content)
+        assert value["color"] in ("red", "green", "blue") and 0 <= value["count"] <= 9
+        assert list(value) == ["color", "count", "sizes"] and all(isinstance(b, bool) for b in value["sizes"])
+    text = "".join(c.choices[0].delta.content or "" for c in client.chat.completions.create(
+        temperature=0, stream=True, **kw, extra_body={"structured_outputs": {"choice": ["alpha", "beta"]}})
+        if c.choices)
+    assert text in ("alpha", "beta")
+    done = client.chat.completions.create(temperature=0, **kw, extra_body={"guided_regex": "[a-c]{4}"})
+    assert re.fullmatch("[a-c]{4}", done.choices[0].message.content)
+    with pytest.raises(openai.BadRequestError, match="invalid regex"):
+        client.chat.completions.create(**kw, extra_body={"guided_regex": "[a-"})
+    with pytest.raises(openai.BadRequestError, match="one output constraint"):
+        client.chat.completions.create(**kw, response_format={"type": "json_object"}, extra_body={"guided_regex": "a"})
+    with pytest.raises(openai.BadRequestError, match="schema"):
+        client.chat.completions.create(**kw, response_format={"type": "json_schema", "json_schema": {"name": "x"}})
 
 
 def test_openai_errors(cluster):
