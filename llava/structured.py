@@ -70,12 +70,14 @@ class Guide:
 
     def __init__(self, tokenizer, vocab_size: int, eos_token_ids: Sequence[int]):
         try:
+            import llguidance
             import llguidance.hf
         except ImportError as e:
             raise ConstraintError(f"structured output needs llguidance (pip install llguidance): {e}") from None
         self.vocab_size = vocab_size
         self._lltok = llguidance.hf.from_tokenizer(tokenizer, n_vocab=vocab_size, eos_token=list(eos_token_ids))
         self._bits = torch.arange(32, dtype=torch.int32)
+        self._executor = llguidance.LLExecutor(num_threads=max(1, torch.get_num_threads()))
 
     def matcher(self, constraint: Constraint):
         from llguidance import LLMatcher
@@ -99,9 +101,11 @@ class Guide:
             return
         words = (self.vocab_size + 31) // 32
         bitmask = torch.empty(len(rows), words, dtype=torch.int32)
-        for j, i in enumerate(rows):
-            v = bitmask[j]
-            matchers[i].unsafe_compute_mask_ptr(v.data_ptr(), v.numel() * 4)
+        if len(rows) == 1:
+            matchers[rows[0]].unsafe_compute_mask_ptr(bitmask.data_ptr(), words * 4)
+        else:  # llguidance's thread pool computes the rows' masks in parallel, outside the GIL
+            self._executor.unsafe_compute_mask_ptr([(matchers[i], j) for j, i in enumerate(rows)],
+                                                   bitmask.data_ptr(), words * 4, len(rows))
         allowed = ((bitmask.unsqueeze(-1) >> self._bits) & 1).reshape(len(rows), -1)[:, : logits.shape[-1]]
         sub = logits[rows]
         width = min(sub.shape[-1], allowed.shape[-1])
