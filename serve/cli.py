@@ -12,9 +12,11 @@ from __future__ import annotations
 
 import argparse
 import base64
+import json
 import os
 import sys
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Protocol
 
 import httpx
@@ -161,6 +163,18 @@ def chat_loop(backend: Backend, session: ChatSession, fields: SamplingFields, pe
         reply(backend, session, fields, out)
 
 
+def structured_arg(args: argparse.Namespace) -> dict | None:
+    if args.json:
+        return {"type": "json_object"}
+    if not args.json_schema:
+        return None
+    try:
+        schema = json.loads(Path(args.json_schema).read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise SystemExit(f"--json-schema: {e}") from None
+    return {"type": "json_schema", "value": schema}
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="LLaVA terminal chat")
     p.add_argument("--model-path", default=None, help="load this model in-process (default | folder | hub id)")
@@ -172,6 +186,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-p", type=float, default=0.7)
     p.add_argument("--max-new-tokens", type=int, default=512)
     p.add_argument("--seed", type=int, default=None)
+    fmt = p.add_mutually_exclusive_group()
+    fmt.add_argument("--json", action="store_true", help="every reply is a JSON object")
+    fmt.add_argument("--json-schema", metavar="FILE", default=None, help="every reply is JSON matching this schema")
     add_config_args(p.add_argument_group("loading", "with --model-path: how it is loaded (llava.config.LoadOptions)"),
                     LoadOptions)
     add_precision_args(p)
@@ -187,7 +204,7 @@ def main(argv: list[str] | None = None) -> None:
     except (ImageError, ServeError) as e:
         raise SystemExit(f"--image-file: {e}") from None
     fields = SamplingFields(temperature=args.temperature, top_p=args.top_p, max_new_tokens=args.max_new_tokens,
-                            seed=args.seed)
+                            seed=args.seed, structured=structured_arg(args))
     backend: Backend = (
         RemoteBackend(args.controller_url, args.model_name) if args.controller_url else LocalBackend(args)
     )

@@ -325,8 +325,9 @@ class ChatHandlers:
         return handler
 
     async def bot_response(self, chat: WebChat, model: str | None, temperature: float, top_p: float,
-                           max_new_tokens: int, image_mode: str, request: gr.Request):
-        """Stream the reply to the pending user turn."""
+                           max_new_tokens: int, image_mode: str, request: gr.Request, output_format: str = "text",
+                           json_schema: str = ""):
+        """Stream the reply to the pending user turn (as JSON, or JSON under a schema, when asked)."""
         if not chat.session.awaiting_reply or chat.generating:
             yield chat, render(chat), *button_updates(chat)
             return
@@ -334,13 +335,21 @@ class ChatHandlers:
             chat.error = "no model selected: pick one in the Model list (press Refresh if it is empty)"
             yield chat, render(chat), *button_updates(chat)
             return
+        try:
+            structured = structured_field(output_format, json_schema)
+        except ValueError as e:
+            chat.error = str(e)
+            yield chat, render(chat), *button_updates(chat)
+            return
         payload = {
             "model": model, "messages": chat.session.to_messages(),
             "images": [base64.b64encode(b).decode() for b in chat.session.images],
             "temperature": float(temperature), "top_p": float(top_p), "max_new_tokens": int(max_new_tokens),
-            "image_mode": image_mode,
+            "image_mode": image_mode, "structured": structured,
         }
         params = {k: payload[k] for k in ("temperature", "top_p", "max_new_tokens", "image_mode")}
+        if structured:
+            params["structured"] = structured
         s = Streaming(chat.session.messages[-1], {"model": model, "params": params, "start": time.time()})
         chat.streaming, chat.error = s, None
         outcome: dict[str, Any] = {"finish_reason": "stopped"}  # stays so if the event is cancelled (Stop)
@@ -360,8 +369,34 @@ class ChatHandlers:
         yield chat, render(chat), *button_updates(chat)
 
 
+OUTPUT_FORMATS = ("text", "JSON", "JSON schema")
+
+
+def structured_field(output_format: str, json_schema: str) -> dict | None:
+    """The worker's `structured` field for the UI's output format; ValueError naming what is wrong."""
+    if output_format in (None, "", "text"):
+        return None
+    if output_format == "JSON":
+        return {"type": "json_object"}
+    if output_format != "JSON schema":
+        raise ValueError(f"unknown output format {output_format!r}; choose one of {', '.join(OUTPUT_FORMATS)}")
+    try:
+        schema = json.loads(json_schema or "")
+    except json.JSONDecodeError as e:
+        raise ValueError(f"the JSON schema is not valid JSON: {e}") from None
+    if not isinstance(schema, dict):
+        raise ValueError("the JSON schema must be a JSON object")
+    return {"type": "json_schema", "value": schema}
+
+
 # ----------------------------------------------------------------------------------------------- layout
 
+
+EXAMPLE_SCHEMA = json.dumps({
+    "type": "object",
+    "properties": {"shape": {"enum": ["circle", "rectangle", "triangle"]}, "color": {"type": "string"}},
+    "required": ["shape", "color"],
+}, indent=2)
 
 EXAMPLES = (  # (file in assets/demo, question)
     ("easyvqa-4.png", "What color is the shape?"),
@@ -402,6 +437,11 @@ def build_demo(config: WebConfig) -> gr.Blocks:
                     top_p = gr.Slider(0.0, 1.0, value=DEFAULT_TOP_P, step=0.05, label="Top P")
                     max_tokens = gr.Slider(1, 2048, value=DEFAULT_MAX_TOKENS, step=1, label="Max output tokens",
                                            elem_id="max-tokens")
+                    output_format = gr.Radio(list(OUTPUT_FORMATS), value="text", label="Output format",
+                                             info="JSON: the reply is a JSON object; JSON schema: one matching it",
+                                             elem_id="output-format")
+                    json_schema = gr.Code(value=EXAMPLE_SCHEMA, language="json", label="JSON schema",
+                                          elem_id="json-schema")
             with gr.Column(scale=3):
                 chatbot = gr.Chatbot(label="LLaVA", elem_id="llava-chatbot", height=480, feedback_options=None,
                                      buttons=["copy"])
@@ -421,7 +461,7 @@ def build_demo(config: WebConfig) -> gr.Blocks:
             gr.Examples(examples=rows, inputs=[textbox], label="Examples (click one, then press Enter)")
 
         buttons = [upvote_btn, downvote_btn, flag_btn, regenerate_btn, clear_btn]
-        gen_inputs = [chat_state, model, temperature, top_p, max_tokens, image_mode]
+        gen_inputs = [chat_state, model, temperature, top_p, max_tokens, image_mode, output_format, json_schema]
         gen_outputs = [chat_state, chatbot, *buttons]
 
         refresh_args = dict(fn=h.refresh_models, inputs=[model], outputs=[model, model_notice])

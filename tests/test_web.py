@@ -126,6 +126,23 @@ def test_errors_show_the_real_cause_and_regenerate_recovers(stack):
     assert [m["role"] for m in chat] == ["user", "assistant"] and "Error" not in texts(chat[1])
 
 
+def test_json_output_formats(stack):
+    """The Parameters' output format: JSON under a schema (the random model's reply still parses and matches),
+    and a schema that is not JSON is shown as the error."""
+    client = client_for(stack)
+    schema = {"type": "object", "properties": {"shape": {"enum": ["circle", "rectangle"]},
+                                               "n": {"type": "integer", "minimum": 0, "maximum": 9}},
+              "required": ["shape", "n"], "additionalProperties": False}
+    client.predict({"text": "Describe it as JSON", "files": []}, api_name="/add_text")
+    job = client.submit("tiny", 0.0, 1.0, 60, "default", "JSON schema", json.dumps(schema), api_name="/bot_response")
+    reply = json.loads(texts(chatbot_of(job.result(timeout=120))[-1]))
+    assert reply["shape"] in ("circle", "rectangle") and 0 <= reply["n"] <= 9
+    client.predict(api_name="/clear")
+    client.predict({"text": "Again", "files": []}, api_name="/add_text")
+    job = client.submit("tiny", 0.0, 1.0, 20, "default", "JSON schema", "{not json", api_name="/bot_response")
+    assert "not valid JSON" in texts(chatbot_of(job.result(timeout=120))[-1])
+
+
 def test_bad_image_is_refused_with_its_cause(stack, tmp_path):
     from gradio_client import handle_file
 
