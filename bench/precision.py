@@ -53,6 +53,28 @@ def run_one(dtype: str, quantization: str, items, max_new_tokens: int) -> dict:
     }
 
 
+CARD_HEADING = "## Serving precision"
+
+
+def write_card_section(card: Path, res: dict, chosen: str | None) -> None:
+    """The model card's precision table (replacing the previous one): what `--quantization auto` serves and why."""
+    lines = [CARD_HEADING, "",
+             f"`python -m bench.precision --record`: {res['benchmark']}, gate {res['gate_points']} points below "
+             f"float32, on {res['cpu']}. `--quantization auto` serves **{chosen or 'none'}** on CPU.", "",
+             "| dtype / quantization | accuracy | gap (points) | passes | LLM weights (MiB) | answers differing |",
+             "|---|---|---|---|---|---|"]
+    for r in res["rows"]:
+        lines.append(f"| {r['dtype']} / {r['quantization']} | {r['accuracy']:.3f} | {r['gap_points']:.1f} | "
+                     f"{'yes' if r['passes'] else 'no'} | {r['llm_weight_bytes'] / 2**20:.0f} | "
+                     f"{r['answers_differing_from_float32']} |")
+    text = card.read_text()
+    start = text.find(CARD_HEADING)
+    if start >= 0:
+        end = text.find("\n## ", start + 1)
+        text = text[:start].rstrip() + ("\n\n" + text[end + 1:] if end >= 0 else "")
+    card.write_text(text.rstrip() + "\n\n" + "\n".join(lines) + "\n")
+
+
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(prog="python -m bench.precision", description=__doc__.split("\n\n")[0])
     ap.add_argument("--limit", type=int, default=1000)
@@ -94,6 +116,7 @@ def main(argv: list[str] | None = None) -> dict:
         passing = [r["quantization"] for r in rows if r["passes"] and r["quantization"] in ("int4", "int8")]
         record["cpu_quantization"] = "int4" if "int4" in passing else "int8" if "int8" in passing else None
         (assets_dir() / "precision.json").write_text(json.dumps(record, indent=2) + "\n")
+        write_card_section(assets_dir() / "MODEL_CARD.md", res, record["cpu_quantization"])
     summary = {r["dtype"] + "/" + r["quantization"]: round(r["accuracy"], 4) for r in rows}
     print(json.dumps(summary))
     return summary

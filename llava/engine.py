@@ -153,9 +153,11 @@ class Engine:
             if self._runner.quantized and self._runner.fused:
                 r = self._runner
                 self.runner_name += f"; quantized kernels for prefills up to {r.kernel_prefill_rows} rows"
+                if r.prefill_copies:
+                    self.runner_name += f", longer ones through {r.prefill_copies} copies"
                 if r.released_dense_bytes:
-                    self.runner_name += (f" (dense prefill copies released, {r.released_dense_bytes / 2**20:.0f} MiB:"
-                                         " not faster here)")
+                    self.runner_name += (f" (float32 prefill copies released, {r.released_dense_bytes / 2**20:.0f} "
+                                         "MiB: not faster here)")
         else:
             self._runner = TransformersRunner(model, vocab_limit=vocab_limit, image_token_id=self.image_token_id)
             why = "asked for" if choice == "transformers" else reason

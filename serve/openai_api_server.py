@@ -10,6 +10,14 @@ http://127.0.0.1:21001] [--api-keys KEY1,KEY2] [--allow-image-urls --image-url-m
   with newlines) and the worker renders the conversation with the model's own template. `stream: true` answers with
   server-sent events (`chat.completion.chunk`, then `data: [DONE]`); `stream_options.include_usage` adds a usage
   chunk. `usage.prompt_tokens` counts image tokens too; `usage.prompt_tokens_details.image_tokens` says how many.
+  `logprobs` / `top_logprobs` (<= 20; log-softmax of the model's logits), `n` (<= 16 choices, decoded in one
+  batch; a seeded request's choice i uses seed + i), `max_completion_tokens`, `stop` lists. Structured output:
+  `response_format` {"type": "json_object"} or {"type": "json_schema", "json_schema": {"schema": ...}}, and vLLM's
+  `structured_outputs` {json | regex | choice | grammar | json_object} and `guided_json` / `guided_regex` /
+  `guided_choice` / `guided_grammar` (one constraint per request; the reply always matches unless cut by
+  max_tokens). Images sent again by id: `usage.prompt_tokens_details.image_ids` lists each image's id; a later
+  image part may be {"type": "image_url", "image_url": {"url": "llava-image://<id>"}} (or vLLM's {"type":
+  "image_url", "uuid": "<id>"}), served from the worker's feature cache (404 `unknown_image` once evicted).
   Extensions: top_k, repetition_penalty, image_mode.
 - Errors: {"error": {"message", "type", "code", "param"}} with the worker's status (400 bad image, 404 unknown model,
   401 bad key...); an error after streaming began is one SSE event `data: {"error": {...}}` (the SDK raises it).
