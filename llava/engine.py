@@ -142,6 +142,7 @@ class Engine:
         vocab_limit = min(len(self.tokenizer), lm_out)
         self._guide_vocab = max(len(self.tokenizer), lm_out)
         self._guide: Guide | None = None  # llguidance's token table, built for the first constrained request
+        self._guide_lock = threading.Lock()
         choice = self.config.runner
         reason = LlamaRunner.unsupported_reason(model)
         if choice == "llama" and reason:
@@ -153,11 +154,9 @@ class Engine:
             if self._runner.quantized and self._runner.fused:
                 r = self._runner
                 self.runner_name += f"; quantized kernels for prefills up to {r.kernel_prefill_rows} rows"
-                if r.prefill_copies:
-                    self.runner_name += f", longer ones through {r.prefill_copies} copies"
                 if r.released_dense_bytes:
-                    self.runner_name += (f" (float32 prefill copies released, {r.released_dense_bytes / 2**20:.0f} "
-                                         "MiB: not faster here)")
+                    self.runner_name += (f" (dense prefill copies released, {r.released_dense_bytes / 2**20:.0f} MiB:"
+                                         " not faster here)")
         else:
             self._runner = TransformersRunner(model, vocab_limit=vocab_limit, image_token_id=self.image_token_id)
             why = "asked for" if choice == "transformers" else reason
@@ -293,7 +292,7 @@ class Engine:
         )
 
     def _guide_for_constraints(self) -> Guide:
-        with self._lock:
+        with self._guide_lock:  # not the scheduler's lock: building the token table takes about a second
             if self._guide is None:
                 self._guide = Guide(self.tokenizer, self._guide_vocab, self.eos_token_ids)
             return self._guide

@@ -52,7 +52,6 @@ class QuantLinear(nn.Module):
         self.compute_dtype = compute_dtype
         self.register_buffer("bias", None if bias is None else bias.detach().float().clone(), persistent=False)
         self.dense: torch.Tensor | None = None
-        self.int8_prefill = None  # fbgemm-packed int8 weight for prefill (keep_int8_prefill), or None
 
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         raise NotImplementedError
@@ -65,24 +64,8 @@ class QuantLinear(nn.Module):
         """x [M, K] (few rows) -> [M, N] float32."""
         raise NotImplementedError
 
-    def keep_int8_prefill(self) -> bool:
-        """Replace the dense copy by int8 codes (per output channel) for many-row products with dynamically
-        quantized activations (fbgemm): on a CPU without native bf16 these multiply about twice as fast as float32
-        and take a quarter of its memory. False where PyTorch has no such kernel."""
-        w = self.dequantize(torch.float32)
-        try:
-            scales = (w.abs().amax(1) / 127).clamp(min=1e-12).double()
-            q = torch.quantize_per_channel(w, scales, torch.zeros(w.shape[0], dtype=torch.long), 0, torch.qint8)
-            self.int8_prefill = torch.ops.quantized.linear_prepack(q, self.bias)
-        except (RuntimeError, AttributeError, NotImplementedError):
-            return False
-        self.dense = None
-        return True
-
     def large(self, x: torch.Tensor) -> torch.Tensor:
-        """x [M, K] (many rows) -> [M, N] in x's dtype, through the int8 prefill codes or the dequantized weight."""
-        if self.int8_prefill is not None:
-            return torch.ops.quantized.linear_dynamic(x.float().contiguous(), self.int8_prefill, True).to(x.dtype)
+        """x [M, K] (many rows) -> [M, N] in x's dtype, through the dequantized weight."""
         w = self.dense if self.dense is not None else self.dequantize(self.compute_dtype)
         bias = None if self.bias is None else self.bias.to(w.dtype)
         return F.linear(x.to(w.dtype), w, bias).to(x.dtype)

@@ -236,7 +236,6 @@ class LlamaRunner:
         self._quant_modules = [m for m in llm.modules() if isinstance(m, QuantLinear)]
         self.quantized = bool(self._quant_modules)
         self.released_dense_bytes = 0
-        self.prefill_copies: str | None = None  # what long prefills multiply by, when not the kernels
         # decode activations: float32 through the quantized kernels, else the weights' dtype
         self.act_dtype = torch.float32 if self.quantized else self.compute_dtype
         self.kv_dtype = kv_dtype or self.compute_dtype
@@ -272,63 +271,38 @@ class LlamaRunner:
         self._cos = self._sin = None
 
     def _measure_crossover(self) -> int:
-        """The most prefill rows for which the quantized kernels beat the prefill copies on this machine (timed on
-        the first layer's gate/up product, best of 3); every size when there are no copies. Where the compute dtype
-        is float32 (a CPU without native bf16), the float32 copies become int8 ones first (fbgemm, dynamically
-        quantized activations: about twice as fast, a quarter of the memory). Copies that are not clearly faster
-        than the kernels even at the largest size are released: their memory is worth more."""
+        """The most prefill rows for which the quantized kernels beat the dense copies on this machine (timed on
+        the first layer's gate/up product, best of 3); every size when there are no dense copies. When the copies
+        are not clearly faster even at the largest size (an AVX2 CPU multiplying float32: the kernels' int8
+        products keep up), they are released: their memory is worth more than a few percent of prefill."""
         lin = self.layers[0].gate_up
         if getattr(lin, "dense", None) is None:
             return max(CROSSOVER_ROWS[-1], self.context_length)
-        self.prefill_copies = f"dense {str(self.compute_dtype).removeprefix('torch.')}"
-        if self.compute_dtype == torch.float32 and self._to_int8_prefill():
-            self.prefill_copies = "int8 (fbgemm)"
-        best, won, kernel, copy = 0, True, 0.0, 0.0
+        best, won, kernel, dense = 0, True, 0.0, 0.0
         with torch.inference_mode():
             for rows in CROSSOVER_ROWS:
                 x = torch.randn(rows, lin.in_features)
-                xd = x.to(self.compute_dtype)
+                xd = x.to(lin.dense.dtype)
                 lin.small(x), lin.large(xd)  # first calls build kernels/primitives
                 kernel = min(_seconds(lambda: lin.small(x)) for _ in range(3))
-                copy = min(_seconds(lambda: lin.large(xd)) for _ in range(3))
-                won = won and kernel <= copy
+                dense = min(_seconds(lambda: lin.large(xd)) for _ in range(3))
+                won = won and kernel <= dense
                 best = rows if won else best
-        if copy > DENSE_WORTH * kernel:
+        if dense > DENSE_WORTH * kernel:
             self.released_dense_bytes = self._release_dense()
-            self.prefill_copies = None
             return max(CROSSOVER_ROWS[-1], self.context_length)
         return best
 
-    def _prefill_targets(self) -> list[QuantLinear]:
-        """The quantized linears the runner multiplies by (fused ones included), then the model's own modules."""
-        out, seen = [], set()
-        for m in [*(getattr(l, n) for l in self.layers for n in ("qkv", "o", "gate_up", "down")), *self._quant_modules]:
-            for part in getattr(m, "parts", [m]):
-                if isinstance(part, QuantLinear) and id(part) not in seen:
-                    seen.add(id(part))
-                    out.append(part)
-        return out
-
-    def _to_int8_prefill(self) -> bool:
-        runner_side = {id(p) for l in self.layers for n in ("qkv", "o", "gate_up", "down")
-                       for p in getattr(getattr(l, n), "parts", [getattr(l, n)])}
-        for part in self._prefill_targets():
-            if id(part) in runner_side:
-                if not part.keep_int8_prefill():
-                    return False
-            else:
-                part.dense = None  # the model's modules (views into the fused copies) are not used for prefill
-        return True
-
     def _release_dense(self) -> int:
         freed, seen = 0, set()
-        for part in self._prefill_targets():
-            dense = part.dense
-            if dense is not None and dense.untyped_storage().data_ptr() not in seen:
-                seen.add(dense.untyped_storage().data_ptr())
-                freed += dense.untyped_storage().nbytes()
-            part.dense = None
-            part.int8_prefill = None
+        for m in [*self._quant_modules, *(getattr(l, n) for l in self.layers for n in ("qkv", "o", "gate_up", "down"))]:
+            for part in getattr(m, "parts", [m]):
+                dense = getattr(part, "dense", None)
+                if isinstance(part, QuantLinear) and dense is not None:
+                    if dense.untyped_storage().data_ptr() not in seen:
+                        seen.add(dense.untyped_storage().data_ptr())
+                        freed += dense.untyped_storage().nbytes()
+                    part.dense = None
         return freed
 
     def _int4_layers(self, cfg) -> list | None:

@@ -376,6 +376,14 @@ def server_parser(description: str, port: int, config_cls) -> argparse.ArgumentP
     return p
 
 
+def run_server(parser: argparse.ArgumentParser, config_cls, create_app, argv: list[str] | None = None) -> None:
+    """Parse a `server_parser` command line and serve `create_app(config)` with uvicorn."""
+    import uvicorn
+
+    args = parser.parse_args(argv)
+    uvicorn.run(create_app(config_from_args(config_cls, args)), host=args.host, port=args.port, log_level="warning")
+
+
 def config_from_args(cls, args: argparse.Namespace, **fixed):
     """`cls` from the parsed flags of `add_config_args` (fields given in `fixed` override them)."""
     values = {f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if hasattr(args, f.name)}

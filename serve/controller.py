@@ -35,14 +35,13 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 import httpx
-import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, generate_latest
 
 from serve.common import (
     DEFAULT_ALLOWED_HOSTS, DEFAULT_MAX_BODY_BYTES, STREAM_MEDIA_TYPE, AddressAllowlist, aiter_chunks,
-    config_from_args, encode_chunk, error_response, parse_body, read_body, server_parser, setup_logging,
+    encode_chunk, error_response, parse_body, read_body, run_server, server_parser, setup_logging,
 )
 from serve.protocol import (
     ErrorCode, GetWorkerAddressRequest, HeartBeatRequest, RegisterWorkerRequest, ServeError, WorkerStatus, image_ref,
@@ -405,9 +404,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = build_parser().parse_args(argv)
-    config = config_from_args(ControllerConfig, args)
-    uvicorn.run(create_app(config), host=args.host, port=args.port, log_level="warning")
+    run_server(build_parser(), ControllerConfig, create_app, argv)
 
 
 if __name__ == "__main__":

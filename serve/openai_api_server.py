@@ -39,7 +39,6 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import httpx
-import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
@@ -48,8 +47,8 @@ from llava.config import MAX_TOP_LOGPROBS
 from llava.image_data import MAX_IMAGE_BYTES
 from llava.templates import IMAGE_PLACEHOLDER
 from serve.common import (
-    DEFAULT_MAX_BODY_BYTES, FRAME_DELIMITER, aiter_chunks, config_from_args, fetch_image_url, iter_chunks,
-    parse_body, server_parser, setup_logging,
+    DEFAULT_MAX_BODY_BYTES, FRAME_DELIMITER, aiter_chunks, fetch_image_url, iter_chunks,
+    parse_body, run_server, server_parser, setup_logging,
 )
 from serve.protocol import DEFAULT_CONTROLLER_URL, IMAGE_REF_SCHEME, ErrorCode, ServeError, image_ref
 
@@ -508,9 +507,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = build_parser().parse_args(argv)
-    config = config_from_args(OpenAIConfig, args)
-    uvicorn.run(create_app(config), host=args.host, port=args.port, log_level="warning")
+    run_server(build_parser(), OpenAIConfig, create_app, argv)
 
 
 if __name__ == "__main__":

@@ -132,10 +132,9 @@ def test_quantized_prefill_with_and_without_dense_copies(kind):
         assert runner.kernel_prefill_rows >= 0
         runner.reserve("a", 64)
         logits.append(prefill(runner, "a", ids))
-    # the kernels compute with bf16 (int8) or int8 activations (int4); on a float32 model the prefill copies are
-    # int8 with dynamically quantized activations (fbgemm) where PyTorch has that kernel
+    # the kernels compute with bf16 (int8) or int8 activations (int4), the dense copies in float32
     real = torch.isfinite(logits[0])  # the image token's logit is masked
-    assert (logits[0] - logits[1])[real].abs().max() < 0.05 * logits[0][real].abs().max()
+    assert (logits[0] - logits[1])[real].abs().max() < 0.02 * logits[0][real].abs().max()
 
 
 def test_kv_rows_grow_while_positions_stay():
