@@ -37,6 +37,7 @@ test-all: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python -c "import llama_cpp" 2>/dev/null || CMAKE_BUILD_PARALLEL_LEVEL=2 $(BIN)/pip install -q -e '.[bench]'
 	$(BIN)/python -m bench.engine
+	$(BIN)/python -m bench.structured
 
 bench-quick: $(STAMP)
 	$(BIN)/python -m bench.engine --quick

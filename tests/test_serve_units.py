@@ -239,7 +239,7 @@ def sse_events(chunks: list[dict], include_usage: bool = False) -> list:
         upstream = httpx.Response(200, content=body())
         req = ChatCompletionRequest(model="m", messages=[{"role": "user", "content": "hi"}],
                                     stream_options={"include_usage": include_usage})
-        return [piece async for piece in stream_sse(upstream, req, "chatcmpl-1", 0)]
+        return [piece async for piece in stream_sse([upstream], req, "chatcmpl-1", 0)]
 
     out = []
     for raw in asyncio.run(collect()):
