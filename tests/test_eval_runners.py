@@ -118,3 +118,60 @@ def test_names_and_chunks_like_the_original():
     assert model_name_from_path("runs/llava-lora/checkpoint-500") == "llava-lora_checkpoint-500"
     assert [get_chunk(list(range(10)), 4, k) for k in range(4)] == [[0, 1, 2], [3, 4, 5], [6, 7, 8], [9]]
     assert get_chunk([1, 2], 4, 3) == []
+
+
+# ------------------------------------------------------------------------------------------------ scorers
+
+
+def test_pope_rule_and_scores_worked_by_hand(tmp_path):
+    from llava.eval import eval_pope
+    from llava.eval.scoring import pope_says_no
+
+    assert pope_says_no("No, there is no dog.") and pope_says_no("There is not a cat. Yes.")
+    assert not pope_says_no("Yes. No doubt about it.")  # only the first sentence counts
+    assert not pope_says_no("Nope") and not pope_says_no("Notably yes")  # whole words only
+    assert pope_says_no("no")
+    # category "random": answers yes, yes, no, yes, no vs labels yes, no, no, yes, yes
+    #   -> TP 2 (1, 4), FP 1 (2), TN 1 (3), FN 1 (5): accuracy 3/5, precision 2/3, recall 2/3, F1 2/3, yes 3/5
+    texts = ["Yes, there is.", "Yes", "No.", "yes it is", "There is not."]
+    labels = ["yes", "no", "no", "yes", "yes"]
+    questions = [{"question_id": i, "category": "random"} for i in range(5)]
+    questions.append({"question_id": 9, "category": "adversarial"})
+    (tmp_path / "ann").mkdir()
+    (tmp_path / "ann" / "coco_pope_random.json").write_text("".join(json.dumps({"label": x}) + "\n" for x in labels))
+    (tmp_path / "ann" / "coco_pope_adversarial.json").write_text(json.dumps({"label": "no"}) + "\n")
+    (tmp_path / "q.jsonl").write_text("".join(json.dumps(q) + "\n" for q in questions))
+    answers = [{"question_id": i, "text": t} for i, t in enumerate(texts)] + [{"question_id": 9, "text": "No"}]
+    (tmp_path / "a.jsonl").write_text("".join(json.dumps(a) + "\n" for a in answers))
+    out = eval_pope.main(["--annotation-dir", str(tmp_path / "ann"), "--question-file", str(tmp_path / "q.jsonl"),
+                          "--result-file", str(tmp_path / "a.jsonl")])
+    r = out["random"]
+    assert (r["TP"], r["FP"], r["TN"], r["FN"]) == (2, 1, 1, 1)
+    assert r["accuracy"] == pytest.approx(0.6) and r["precision"] == pytest.approx(2 / 3)
+    assert r["recall"] == pytest.approx(2 / 3) and r["f1"] == pytest.approx(2 / 3) and r["yes_ratio"] == 0.6
+    a = out["adversarial"]
+    assert (a["TN"], a["accuracy"], a["precision"], a["yes_ratio"]) == (1, 1.0, 0.0, 0.0)
+
+
+def test_science_qa_rule_and_accuracy_worked_by_hand(tmp_path):
+    from llava.eval import eval_science_qa
+    from llava.eval.scoring import science_answer
+
+    assert science_answer("B") == "B" and science_answer("C. a cat") == "C"
+    assert science_answer("I think so.\nThe answer is A.") == "A" and science_answer("The answer is D") == "D"
+    assert science_answer("b") == "FAILED" and science_answer("Answer: B") == "FAILED"
+    assert science_answer("E", ("A", "B")) == "FAILED"  # not one of this problem's options
+    problems = {"1": {"choices": ["x", "y"], "answer": 1}, "2": {"choices": ["x", "y", "z"], "answer": 0},
+                "3": {"choices": ["x", "y"], "answer": 0}, "4": {"choices": ["x", "y"], "answer": 1}}
+    (tmp_path / "problems.json").write_text(json.dumps(problems))
+    (tmp_path / "pid_splits.json").write_text(json.dumps({"test": ["1", "2", "3", "4"]}))
+    # 1: right with image; 2: right, text only; 3: wrong with image; 4: missing -> FAILED (text only)
+    preds = [{"question_id": "1", "prompt": "<image>\nQ", "text": "B"},
+             {"question_id": "2", "prompt": "Q", "text": "The answer is A."},
+             {"question_id": "3", "prompt": "<image>\nQ", "text": "B. y"}]
+    (tmp_path / "r.jsonl").write_text("".join(json.dumps(p) + "\n" for p in preds))
+    out = eval_science_qa.main(["--base-dir", str(tmp_path), "--result-file", str(tmp_path / "r.jsonl"),
+                                "--output-file", str(tmp_path / "o.json"), "--output-result", str(tmp_path / "s.json")])
+    assert out == {"acc": 50.0, "img_acc": 50.0, "correct": 2, "count": 4}
+    saved = json.loads((tmp_path / "s.json").read_text())
+    assert saved["results"] == {"1": 1, "2": 0, "3": 1, "4": -1} and saved["acc"] == 50.0
