@@ -41,7 +41,7 @@ from typing import Any, Literal
 import httpx
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from llava.config import MAX_TOP_LOGPROBS
 from llava.image_data import MAX_IMAGE_BYTES
@@ -73,6 +73,11 @@ class ContentPart(BaseModel):
     text: str | None = None
     uuid: str | None = None  # with no image_url: the id of an image sent before (usage.image_ids)
     image_url: ImageURL | None = None
+
+    @field_validator("image_url", mode="before")
+    @classmethod
+    def _bare_url(cls, value):
+        return {"url": value} if isinstance(value, str) else value  # Ollama's clients send the URL as a string
 
 
 class Message(BaseModel):

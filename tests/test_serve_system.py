@@ -272,6 +272,33 @@ def test_openai_structured_output(cluster):
         client.chat.completions.create(**kw, response_format={"type": "json_schema", "json_schema": {"name": "x"}})
 
 
+def test_openai_several_images_in_several_messages_and_bare_string_urls(cluster):
+    """Two images in one message and a third in a later one, one of them as Ollama's bare-string image_url: each
+    becomes one <image> where it stands, and the usage counts all three."""
+    import openai
+
+    client = openai.OpenAI(base_url=cluster.procs["openai"].url + "/v1", api_key=API_KEY, max_retries=0)
+    uri = ["data:image/png;base64," + b64(png(c)) for c in ((255, 0, 0), (0, 0, 255), (0, 255, 0))]
+    messages = [
+        {"role": "user", "content": [{"type": "image_url", "image_url": {"url": uri[0]}},
+                                     {"type": "image_url", "image_url": uri[1]},
+                                     {"type": "text", "text": "Compare these."}]},
+        {"role": "assistant", "content": "They differ."},
+        {"role": "user", "content": [{"type": "text", "text": "And this?"},
+                                     {"type": "image_url", "image_url": {"url": uri[2]}}]},
+    ]
+    done = client.chat.completions.create(model=MODEL, messages=messages, temperature=0, max_tokens=4)
+    assert done.usage.prompt_tokens_details.image_tokens == 3 * IMAGE_TOKENS
+    assert len(done.usage.prompt_tokens_details.image_ids) == 3
+    # the same conversation through the worker protocol, markers where the parts stood
+    _, chunks = stream_chunks(cluster.procs["controller"].url + "/worker_generate_messages", greedy(
+        {"messages": [{"role": "user", "content": "<image>\n<image>\nCompare these."},
+                      {"role": "assistant", "content": "They differ."},
+                      {"role": "user", "content": "And this?\n<image>"}],
+         "images": [u.split(",", 1)[1] for u in uri]}, max_new_tokens=4))
+    assert chunks[-1]["text"] == done.choices[0].message.content
+
+
 def test_openai_errors(cluster):
     import openai
 
