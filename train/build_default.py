@@ -130,6 +130,12 @@ def write_assets(spec: AssemblySpec, stage2: Path, card: str) -> None:
     for name in ("adapter_config.json", "adapter_model.safetensors"):
         shutil.copy(stage2 / "adapter" / name, ASSETS / "adapter" / name)
     (ASSETS / "MODEL_CARD.md").write_text(card)
+    # a quality gate recorded for the previous weights says nothing about these: `--quantization auto` serves them
+    # unquantized until `python -m bench.precision --record` gates them again
+    if (ASSETS / "precision.json").exists():
+        (ASSETS / "precision.json").unlink()
+        print("removed the previous weights' precision.json; run `python -m bench.precision --record` to gate "
+              "CPU quantization for the new ones")
 
 
 def model_card(spec: AssemblySpec, args, m1: dict, m2: dict, m2b: dict | None, scores: dict) -> str:
