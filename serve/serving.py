@@ -66,6 +66,7 @@ class ServingModel:
         self.engine = engine
         self.names = list(names)
         self.limits = limits
+        self._token_bytes: dict[int, bytes] = {}  # token id -> its exact bytes (logprobs entries)
 
     @classmethod
     def load(cls, path: str, options: LoadOptions | None = None, *, names: Sequence[str] | None = None,
@@ -92,10 +93,10 @@ class ServingModel:
 
     def logprob_entries(self, logprobs: Sequence[TokenLogprob]) -> list[dict]:
         """OpenAI's `logprobs.content` entries: token text, its UTF-8 bytes, logprob and the top alternatives."""
-        tok = self.loaded.tokenizer
-
         def entry(token_id: int, logprob: float) -> dict:
-            data = token_bytes(tok, token_id)
+            data = self._token_bytes.get(token_id)
+            if data is None:  # once per token id: the tokenizer's pieces are looked up, not decoded per step
+                data = self._token_bytes[token_id] = token_bytes(self.loaded.tokenizer, token_id)
             return {"token": data.decode("utf-8", errors="replace"), "logprob": logprob, "bytes": list(data)}
 
         return [{**entry(lp.token_id, lp.logprob), "top_logprobs": [entry(i, v) for i, v in lp.top]}

@@ -21,7 +21,8 @@ import math
 import os
 import sys
 import uuid
-from collections.abc import Iterable, Iterator
+from collections import deque
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -155,12 +156,11 @@ def run(args: argparse.Namespace, questions: list[Question], loaded=None) -> int
 
 def _in_order(engine, questions: list[Question], make_request) -> Iterator[tuple[Question, object]]:
     """(question, result) in question order, with up to IN_FLIGHT requests in the engine at once."""
-    pending: list[tuple[Question, object]] = []
-    it: Iterable[Question] = iter(questions)
-    for q in it:
+    pending: deque[tuple[Question, object]] = deque()
+    for q in questions:
         pending.append((q, engine.submit(make_request(q))))
         if len(pending) >= IN_FLIGHT:
-            first, handle = pending.pop(0)
+            first, handle = pending.popleft()
             yield first, handle.result()
     for q, handle in pending:
         yield q, handle.result()
