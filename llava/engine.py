@@ -39,7 +39,7 @@ from llava.kvcache import ImageFeatureCache, ImageRun, PrefixCache, common_prefi
 from llava.requests import (
     CacheStats, EngineError, EngineShutDownError, EngineStats, FinishReason, GenerationEvent, GenerationRequest,
     GenerationResult, ImageFeatureMismatchError, InvalidRequestError, PromptTooLongError, RequestHandle,
-    UnsupportedModelError, check_ids, check_images,
+    UnknownAdapterError, UnsupportedModelError, check_ids, check_images,
 )
 from llava.runner import Chunk, LlamaRunner
 from llava.sampling import (
@@ -51,7 +51,8 @@ from llava.structured import ConstraintError, Guide
 __all__ = [
     "Engine", "EngineConfig", "EngineError", "EngineStats", "EngineShutDownError", "GenerationEvent",
     "GenerationRequest", "GenerationResult", "ImageFeatureMismatchError", "InvalidRequestError",
-    "InvalidSamplingParamsError", "PromptTooLongError", "RequestHandle", "SamplingParams", "UnsupportedModelError",
+    "InvalidSamplingParamsError", "PromptTooLongError", "RequestHandle", "SamplingParams", "UnknownAdapterError",
+    "UnsupportedModelError",
 ]
 
 logger = logging.getLogger(__name__)
@@ -82,6 +83,7 @@ class _Sequence:
     text: list[str] = field(default_factory=list)
     logprobs: list[TokenLogprob] = field(default_factory=list)  # when the request asked for them
     matcher: object | None = None  # llguidance's state when the output is constrained (llava.structured)
+    adapter: object | None = None  # the request's LoRA adapter (llava.adapters.LoraAdapter), None: the base
     cached_tokens: int = 0
     first_token_at: float | None = None
     finish_reason: FinishReason | None = None
@@ -91,6 +93,11 @@ class _Sequence:
     def fed_ids(self) -> list[int]:
         """Ids whose KV exist: the prompt and every generated token but the last (not fed back yet)."""
         return self.prompt + self.generated[:-1]
+
+
+def _namespace(seq: _Sequence) -> str:
+    """Prefix-cache entries are shared only between requests computed with the same weights."""
+    return "" if seq.adapter is None else seq.adapter.uid
 
 
 class Engine:
@@ -124,6 +131,7 @@ class Engine:
         self._stopping = False
         self._shut_down = False
         self._counts = {"completed": 0, "cancelled": 0, "failed": 0, "generated_tokens": 0}
+        self._adapters: dict = {}  # name -> LoraAdapter, requests may name them (any thread, under _lock)
 
     def _bind_model(self, model, context_length: int | None) -> None:
         text_config = model.config.get_text_config(decoder=True)
@@ -216,6 +224,43 @@ class Engine:
             return None
         return ProcessedImage(None, (0, 0), int(feats.shape[0]), key, features=feats)
 
+    # -- LoRA adapters
+
+    def load_adapter(self, adapter) -> None:
+        """Make a LoRA adapter (`llava.adapters.read_adapter`) available to requests as `adapter.name` (any
+        thread); a name already loaded is replaced for new requests, running ones finish on the old weights."""
+        if not getattr(self._runner, "supports_adapters", False):
+            raise UnsupportedModelError(f"LoRA adapters per request need the llama runner; this engine runs "
+                                        f"{self.runner_name}")
+        with self._lock:
+            self._adapters[adapter.name] = adapter
+            self._lock.notify_all()
+
+    def unload_adapter(self, name: str) -> bool:
+        """Stop accepting requests for adapter `name` (any thread); its running requests finish first. False if
+        it was not loaded."""
+        with self._lock:
+            return self._adapters.pop(name, None) is not None
+
+    @property
+    def adapter_names(self) -> list[str]:
+        with self._lock:
+            return list(self._adapters)
+
+    def _sync_adapters(self, extra: Sequence = ()) -> None:
+        """Give the runner the loaded adapters plus those still used by admitted requests and `extra` (scheduler
+        thread): an unloaded adapter's weights go once its last request is done."""
+        if not getattr(self._runner, "supports_adapters", False):
+            return
+        with self._lock:
+            wanted = list(self._adapters.values())
+        for adapter in [*(s.adapter for s in [*self._running, *self._prefilling]), *extra]:
+            if adapter is not None and adapter not in wanted:
+                wanted.append(adapter)
+        current = self._runner.adapters
+        if len(current) != len(wanted) or any(a is not b for a, b in zip(current, wanted)):
+            self._runner.set_adapters(wanted)
+
     @property
     def queue_length(self) -> int:
         with self._lock:
@@ -260,6 +305,12 @@ class Engine:
     def _make_sequence(self, request: GenerationRequest) -> _Sequence:
         if not isinstance(request.sampling, SamplingParams):
             raise InvalidRequestError(f"sampling must be a SamplingParams, got {type(request.sampling).__name__}")
+        adapter = None
+        if request.adapter is not None:
+            with self._lock:
+                adapter = self._adapters.get(request.adapter)
+                if adapter is None:
+                    raise UnknownAdapterError(f"unknown adapter {request.adapter!r}; loaded: {sorted(self._adapters)}")
         ids = check_ids(request.input_ids, self._embed.num_embeddings)
         image_runs = check_images(ids, request.images, self.image_token_id, self._anyres)
         n = len(ids)
@@ -276,6 +327,7 @@ class Engine:
             except ConstraintError as e:
                 raise InvalidRequestError(f"constraint: {e}") from None
         return _Sequence(
+            adapter=adapter,
             matcher=matcher,
             handle=RequestHandle(request.request_id, self._wake),
             request=request,
@@ -333,6 +385,7 @@ class Engine:
     @torch.inference_mode()
     def _step(self) -> bool:
         self._drop_cancelled()
+        self._sync_adapters()
         admitted = self._admit()
         chunks = self._plan_prefill()
         if chunks:
@@ -375,7 +428,9 @@ class Engine:
                 reserved += seq.reserve
         for seq in admitted:
             try:
-                self._runner.reserve(seq, seq.reserve)
+                if seq.adapter is not None and seq.adapter not in self._runner.adapters:
+                    self._sync_adapters([seq.adapter])  # loaded after this step began, or unloaded since submitted
+                self._runner.reserve(seq, seq.reserve, adapter=seq.adapter)
                 self._reuse_prefix(seq)
             except Exception as exc:
                 logger.exception("admitting request %s failed", seq.request.request_id)
@@ -390,13 +445,16 @@ class Engine:
         ids = seq.prompt
         best_running, best_len = None, 0
         for other in self._running:
+            if other.adapter is not seq.adapter:  # an adapter changes every layer's keys and values
+                continue
             n = common_prefix(other.fed_ids, ids)
             n = images_agree(min(n, len(ids) - 1), other.image_runs, seq.image_runs)
             if n > best_len:
                 best_running, best_len = other, n
         if best_len < self._prefix_cache.min_match or self.config.prefix_cache_tokens <= 0:
             best_running, best_len = None, 0
-        match = self._prefix_cache.lookup(ids, seq.image_runs, longer_than=best_len, count=False)
+        match = self._prefix_cache.lookup(ids, seq.image_runs, longer_than=best_len, count=False,
+                                          namespace=_namespace(seq))
         if match is not None:
             self._runner.seed(seq, match.entry.kv, match.length)
             start = match.length
@@ -578,7 +636,8 @@ class Engine:
         ids = seq.fed_ids
         if self._prefix_cache.would_keep(len(ids)):
             try:
-                self._prefix_cache.insert(ids, seq.image_runs, self._runner.export(seq, len(ids)))
+                self._prefix_cache.insert(ids, seq.image_runs, self._runner.export(seq, len(ids)),
+                                          namespace=_namespace(seq))
             except Exception:
                 logger.exception("keeping the KV of request %s failed", seq.request.request_id)
         self._release(seq)

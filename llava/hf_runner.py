@@ -58,7 +58,12 @@ class TransformersRunner:
             return self._pending[key].get_seq_length()
         return self._batch.lengths()[self._batch_keys.index(key)]
 
-    def reserve(self, key, total_length: int) -> None:
+    # LoRA adapters per request need the engine's own runner (llava.runner.LlamaRunner)
+    supports_adapters = False
+
+    def reserve(self, key, total_length: int, adapter=None) -> None:
+        if adapter is not None:
+            raise UnsupportedModelError("LoRA adapters per request need the llama runner")
         if self.has(key):
             raise KeyError(f"{key!r} already has a row")
         self._pending[key] = new_cache(self.num_layers)

@@ -254,6 +254,7 @@ class PrefixEntry:
     ids: tuple[int, ...]
     images: list[ImageRun]
     kv: SequenceKV = field(repr=False)
+    namespace: str = ""  # entries match only requests of the same namespace (the same LoRA adapter)
 
     @property
     def num_tokens(self) -> int:
@@ -307,12 +308,14 @@ class PrefixCache:
         return sum(kv_nbytes(e.kv) for e in self._entries.values())
 
     def lookup(self, ids: list[int], images: list[ImageRun], *, longer_than: int = 0,
-               count: bool = True) -> PrefixMatch | None:
+               count: bool = True, namespace: str = "") -> PrefixMatch | None:
         """The longest reusable prefix for `ids` (longer than `longer_than`); always leaves at least one position
         to compute. With count=False the caller records the outcome itself (`record`)."""
         best: tuple[int, int] | None = None
         if self.max_tokens > 0:
             for key, entry in self._entries.items():
+                if entry.namespace != namespace:
+                    continue
                 n = common_prefix(entry.ids, ids)
                 n = images_agree(min(n, len(ids) - 1), entry.images, images)
                 if n >= self.min_match and n > longer_than and (best is None or n > best[1]):
@@ -338,12 +341,12 @@ class PrefixCache:
         """Whether a sequence of this length is worth caching (long enough to match, small enough to fit)."""
         return self.min_match <= num_tokens <= self.max_tokens
 
-    def insert(self, ids: list[int], images: list[ImageRun], kv: SequenceKV) -> bool:
+    def insert(self, ids: list[int], images: list[ImageRun], kv: SequenceKV, namespace: str = "") -> bool:
         """Cache a sequence's KV [1, H, len(ids), D]; entries it extends are dropped. False if it cannot fit."""
         n = len(ids)
         if not self.would_keep(n):
             return False
-        entry = PrefixEntry(tuple(ids), list(images), kv)
+        entry = PrefixEntry(tuple(ids), list(images), kv, namespace)
         self._drop_superseded(entry)
         while self.num_tokens + n > self.max_tokens:
             _, old = self._entries.popitem(last=False)
@@ -357,7 +360,8 @@ class PrefixCache:
     def _drop_superseded(self, new: PrefixEntry) -> None:
         # an entry that is a prefix of the new one (same images) can only ever match less than the new one
         for key, old in list(self._entries.items()):
-            if old.num_tokens <= new.num_tokens and new.ids[: old.num_tokens] == old.ids:
+            if (old.namespace == new.namespace and old.num_tokens <= new.num_tokens
+                    and new.ids[: old.num_tokens] == old.ids):
                 if images_agree(old.num_tokens, new.images, old.images) == old.num_tokens:
                     del self._entries[key]
                     self.num_tokens -= old.num_tokens

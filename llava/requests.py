@@ -59,6 +59,10 @@ class EngineShutDownError(EngineError, RuntimeError):
     """submit() after shutdown()."""
 
 
+class UnknownAdapterError(InvalidRequestError):
+    """The request names a LoRA adapter the engine does not have loaded."""
+
+
 class UnsupportedModelError(EngineError, ValueError):
     """The model's cache layout cannot be batched by this engine (e.g. sliding-window attention)."""
 
@@ -75,6 +79,7 @@ class GenerationRequest:
     images: Sequence[ProcessedImage] = ()
     sampling: SamplingParams = field(default_factory=SamplingParams)
     request_id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    adapter: str | None = None  # a LoRA adapter loaded in the engine (`Engine.load_adapter`), None: the base
 
 
 @dataclass(frozen=True)

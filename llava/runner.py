@@ -17,6 +17,10 @@ Promises:
 - Decode rows are independent: a row's logits do not depend on which other rows are in the step (quantized
   kernels quantize activations per row; attention is per row).
 - Logits are float32 [.., V] with ids past the tokenizer's vocabulary and the image token set to -inf.
+- LoRA adapters (`llava.adapters`): `set_adapters(list)` makes them available, `reserve(key, n, adapter=...)`
+  binds a row to one; every step adds each row's own adapter product to the q/k/v/o/gate/up/down outputs of that
+  row only, so rows of different adapters (and of the bare base) share one batch. Rows without an adapter cost
+  nothing extra; steps with any adapter row decode through the per-op path instead of the one-call int4 layers.
 """
 
 from __future__ import annotations
@@ -42,6 +46,9 @@ CROSSOVER_ROWS = (8, 16, 32, 64, 128, 256, 512)
 DENSE_WORTH = 0.8
 STATIC_ROPE = ("default", "linear", "llama3", "yarn")
 _T_ALIGN = 64
+# the runner's fused projections and the model projections each one concatenates (output order)
+LORA_KINDS = (("qkv", ("q_proj", "k_proj", "v_proj")), ("o", ("o_proj",)), ("gate_up", ("gate_proj", "up_proj")),
+              ("down", ("down_proj",)))
 
 
 def _seconds(fn) -> float:
@@ -178,6 +185,63 @@ class _Layer:
     mlp_norm_w: torch.Tensor
 
 
+class _LoraStacks:
+    """The loaded adapters' matrices per fused projection, side by side: per layer A [R, in] and B [out, R], each
+    adapter owning a range of the R columns (zeros where it has no weights). A row's product `x A^T` is masked to
+    its own adapter's columns before `B^T`, so one pair of products serves every adapter of the step."""
+
+    def __init__(self, adapters: list, out_sizes: dict[str, int], num_layers: int, dtype: torch.dtype,
+                 device: torch.device):
+        self.adapters = list(adapters)
+        self.slot = {a: i for i, a in enumerate(self.adapters)}
+        self.A: dict[str, list] = {}
+        self.B: dict[str, list] = {}
+        self.col_slot: dict[str, torch.Tensor] = {}
+        for kind, projs in LORA_KINDS:
+            layout, width, fan_in = [], 0, None
+            for s, ad in enumerate(self.adapters):
+                for j, proj in enumerate(projs):
+                    mats = [a for (_, p), (a, _) in ad.weights.items() if p == proj]
+                    if mats:
+                        r = max(a.shape[0] for a in mats)
+                        layout.append((s, j, proj, width, r))
+                        width += r
+                        fan_in = mats[0].shape[1]
+            if not layout:
+                continue
+            offsets = [0]
+            for proj in projs:
+                offsets.append(offsets[-1] + out_sizes[proj])
+            a_layers, b_layers = [], []
+            for li in range(num_layers):
+                a_all = torch.zeros(width, fan_in)
+                b_all = torch.zeros(offsets[-1], width)
+                found = False
+                for s, j, proj, col, _ in layout:
+                    w = self.adapters[s].weights.get((li, proj))
+                    if w is not None:
+                        a, b = w
+                        a_all[col : col + a.shape[0]] = a
+                        b_all[offsets[j] : offsets[j + 1], col : col + a.shape[0]] = b
+                        found = True
+                a_layers.append(a_all.to(device, dtype) if found else None)
+                b_layers.append(b_all.to(device, dtype) if found else None)
+            self.A[kind], self.B[kind] = a_layers, b_layers
+            self.col_slot[kind] = torch.tensor([s for s, _, _, _, r in layout for _ in range(r)], device=device)
+        self.dtype = dtype
+
+    def masks(self, slots: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Per projection kind, [rows, R]: 1 where the column belongs to the row's adapter (slot -1: none)."""
+        return {kind: (slots[:, None] == cols[None, :]).to(self.dtype) for kind, cols in self.col_slot.items()}
+
+    def delta(self, kind: str, li: int, x: torch.Tensor, masks: dict[str, torch.Tensor] | None):
+        """The rows' adapter products for the fused projection `kind` of layer `li` (None: nothing to add)."""
+        if masks is None or kind not in self.A or self.A[kind][li] is None:
+            return None
+        a, b = self.A[kind][li], self.B[kind][li]
+        return (((x.to(self.dtype) @ a.T) * masks[kind]) @ b.T).to(x.dtype)
+
+
 @dataclass
 class Chunk:
     """Prompt positions [start, start + len(embeds)) of the sequence `key`; `last` marks the prompt's end."""
@@ -267,6 +331,11 @@ class LlamaRunner:
         self._row_of: dict[object, int] = {}
         self._key_of: list[object] = []
         self._lengths: list[int] = []
+        self._adapter_of: list = []  # each row's LoRA adapter (llava.adapters.LoraAdapter) or None
+        self._stacks: _LoraStacks | None = None
+        hd_q, hd_kv = self.heads * self.head_dim, self.kv_heads * self.head_dim
+        self._lora_out = {"q_proj": hd_q, "k_proj": hd_kv, "v_proj": hd_kv, "o_proj": self.hidden,
+                          "gate_proj": self.intermediate, "up_proj": self.intermediate, "down_proj": self.hidden}
         self._ready = 0  # rows [0, ready) decode; rows [ready, len) are still being prefilled
         self._cos = self._sin = None
 
@@ -337,14 +406,46 @@ class LlamaRunner:
     def length(self, key) -> int:
         return self._lengths[self._row_of[key]]
 
-    def reserve(self, key, total_length: int) -> None:
-        """A new (not yet ready) row for `key`, with room for `total_length` positions."""
+    # ------------------------------------------------------------------------------------------------ adapters
+
+    supports_adapters = True
+
+    @property
+    def adapters(self) -> list:
+        return [] if self._stacks is None else list(self._stacks.adapters)
+
+    def set_adapters(self, adapters: list) -> None:
+        """Make these LoRA adapters available to rows (replacing the previous set); rows' adapters must be in it."""
+        missing = {a.name for a in self._adapter_of if a is not None and a not in adapters}
+        if missing:
+            raise ValueError(f"adapters {sorted(missing)} are still used by rows")
+        dtype = torch.float32 if self.device.type == "cpu" else self.compute_dtype
+        self._stacks = (_LoraStacks(adapters, self._lora_out, self.num_layers, dtype, self.device)
+                        if adapters else None)
+
+    def _lora_masks(self, adapters: list) -> dict[str, torch.Tensor] | None:
+        """The masks of rows bound to `adapters` (one per row or token); None when none has an adapter."""
+        if self._stacks is None or all(a is None for a in adapters):
+            return None
+        slot = self._stacks.slot
+        return self._stacks.masks(torch.tensor([slot[a] if a is not None else -1 for a in adapters],
+                                               device=self.device))
+
+    def _delta(self, kind: str, li: int, x: torch.Tensor, masks) -> torch.Tensor | None:
+        return None if masks is None else self._stacks.delta(kind, li, x, masks)
+
+    def reserve(self, key, total_length: int, adapter=None) -> None:
+        """A new (not yet ready) row for `key`, with room for `total_length` positions, computing with `adapter`
+        (one of `set_adapters`', or None for the base)."""
         if key in self._row_of:
             raise KeyError(f"{key!r} already has a row")
+        if adapter is not None and (self._stacks is None or adapter not in self._stacks.slot):
+            raise ValueError(f"adapter {adapter.name!r} is not loaded in the runner")
         self._ensure(self.num_rows + 1, total_length)
         self._row_of[key] = self.num_rows
         self._key_of.append(key)
         self._lengths.append(0)
+        self._adapter_of.append(adapter)
 
     def seed(self, key, kv: tuple[torch.Tensor, torch.Tensor], length: int) -> None:
         """Write the first `length` positions of an exported prefix (k, v [layers, kv_heads, n, head_dim])."""
@@ -370,6 +471,7 @@ class LlamaRunner:
         self._move(last, r)
         self._key_of.pop()
         self._lengths.pop()
+        self._adapter_of.pop()
         if not self._key_of:
             self._k = self._v = None  # an idle runner holds no KV memory
 
@@ -380,6 +482,7 @@ class LlamaRunner:
         self._k[:, dst, :, :n].copy_(self._k[:, src, :, :n])
         self._v[:, dst, :, :n].copy_(self._v[:, src, :, :n])
         self._lengths[dst] = n
+        self._adapter_of[dst] = self._adapter_of[src]
         key = self._key_of[src]
         self._key_of[dst] = key
         self._row_of[key] = dst
@@ -391,6 +494,7 @@ class LlamaRunner:
             buf[:, a, :, :n].copy_(buf[:, b, :, :n])
             buf[:, b, :, :n].copy_(tmp)
         self._lengths[a], self._lengths[b] = self._lengths[b], self._lengths[a]
+        self._adapter_of[a], self._adapter_of[b] = self._adapter_of[b], self._adapter_of[a]
         ka, kb = self._key_of[a], self._key_of[b]
         self._key_of[a], self._key_of[b] = kb, ka
         self._row_of[ka], self._row_of[kb] = b, a
@@ -485,9 +589,12 @@ class LlamaRunner:
         masks = [None if start == 0 else
                  torch.ones(q, start + q, dtype=torch.bool, device=self.device).tril(start)
                  for _, q, start in spans]
+        lora = self._lora_masks([self._adapter_of[r] for r, (_, q, _) in zip(rows, spans) for _ in range(q)])
         for li, layer in enumerate(self.layers):
             h = self._rms(layer.attn_norm, x, layer.attn_norm_w)
             qkv = mm(layer.qkv, h)  # [S, (nq + 2 nkv) hd]
+            if (d := self._delta("qkv", li, h, lora)) is not None:
+                qkv = qkv + d
             qk = self._rope(qkv[:, : (nq + nkv) * hd].reshape(-1, nq + nkv, hd), cos, sin)
             v = qkv[:, (nq + nkv) * hd :].reshape(-1, nkv, hd)
             outs = []
@@ -501,10 +608,20 @@ class LlamaRunner:
                 att = F.scaled_dot_product_attention(query, keys, values, attn_mask=mask, is_causal=mask is None,
                                                      enable_gqa=nq != nkv)
                 outs.append(att[0].transpose(0, 1).reshape(q, nq * hd))
-            x = x + mm(layer.o, torch.cat(outs).to(act))
+            att = torch.cat(outs).to(act)
+            o = mm(layer.o, att)
+            if (d := self._delta("o", li, att, lora)) is not None:
+                o = o + d
+            x = x + o
             h = self._rms(layer.mlp_norm, x, layer.mlp_norm_w)
             gu = mm(layer.gate_up, h)
-            x = x + mm(layer.down, self.act(gu[:, : self.intermediate]) * gu[:, self.intermediate :])
+            if (d := self._delta("gate_up", li, h, lora)) is not None:
+                gu = gu + d
+            a = self.act(gu[:, : self.intermediate]) * gu[:, self.intermediate :]
+            down = mm(layer.down, a)
+            if (d := self._delta("down", li, a, lora)) is not None:
+                down = down + d
+            x = x + down
         for r, (_, q, start) in zip(rows, spans):
             self._lengths[r] = start + q
         finished = [(c.key, o + q - 1) for c, (o, q, _) in zip(chunks, spans) if c.last]
@@ -531,12 +648,13 @@ class LlamaRunner:
         pos = torch.tensor(lengths, device=self.device)
         cos_t, sin_t = self._rope_tables(longest)
         tokens_t = torch.tensor(by_row, device=self.device)
-        if self._q4_layers is not None:
+        lora = self._lora_masks(self._adapter_of[:b])
+        if self._q4_layers is not None and lora is None:
             logits = self._decode_int4(tokens_t, pos, cos_t[pos].contiguous(), sin_t[pos].contiguous())
         elif self.fused:
-            logits = self._decode_fused(tokens_t, pos, cos_t[pos], sin_t[pos])
+            logits = self._decode_fused(tokens_t, pos, cos_t[pos], sin_t[pos], lora)
         else:
-            logits = self._decode_torch(tokens_t, pos, cos_t, sin_t, lengths)
+            logits = self._decode_torch(tokens_t, pos, cos_t, sin_t, lengths, lora)
         for r in range(b):
             self._lengths[r] += 1
         return logits[torch.tensor(rows, device=self.device)] if rows != list(range(b)) else logits
@@ -578,7 +696,7 @@ class LlamaRunner:
         return logits
 
     def _decode_fused(self, tokens: torch.Tensor, pos: torch.Tensor, cos: torch.Tensor,
-                      sin: torch.Tensor) -> torch.Tensor:
+                      sin: torch.Tensor, lora=None) -> torch.Tensor:
         """The decode step as ~9 calls per layer: fused norm(+residual), q/k/v product, RoPE, attention with the KV
         write, o product, norm(+residual), gate/up product, SiLU*up, down product. Activations float32."""
         lib = kernels.library()
@@ -603,6 +721,8 @@ class LlamaRunner:
             qkv = layer.qkv.small(h)
             if qkv.dtype != torch.float32:
                 qkv = qkv.float()
+            if (d := self._delta("qkv", li, h, lora)) is not None:
+                qkv = qkv + d
             base = qkv.data_ptr()
             lib.llava_rope(base, cos.data_ptr(), sin.data_ptr(), b, width, nq + nkv, hd)
             rc = lib.llava_decode_attention(
@@ -613,11 +733,18 @@ class LlamaRunner:
                 raise MemoryError("decode attention could not allocate its scratch")
             o = layer.o.small(att)
             o = o if o.dtype == torch.float32 else o.float()  # kept referenced until the call returns
+            if (d := self._delta("o", li, att, lora)) is not None:
+                o = o + d
             lib.llava_add_rmsnorm(x.data_ptr(), o.data_ptr(), layer.mlp_norm_w.data_ptr(), h.data_ptr(), b,
                                   hidden, self.eps)
             gu = layer.gate_up.small(h)
-            down = layer.down.small(self.act(gu[:, :inter]) * gu[:, inter:])
+            if (d := self._delta("gate_up", li, h, lora)) is not None:
+                gu = gu + d
+            a = self.act(gu[:, :inter]) * gu[:, inter:]
+            down = layer.down.small(a)
             delta = down if down.dtype == torch.float32 else down.float()
+            if (d := self._delta("down", li, a, lora)) is not None:
+                delta = delta + d
             delta_ptr = delta.data_ptr()
         lib.llava_add_rmsnorm(x.data_ptr(), delta_ptr, self.final_norm_w.data_ptr(), h.data_ptr(), b, hidden, self.eps)
         logits = self.lm_head.small(h).float()
@@ -625,7 +752,7 @@ class LlamaRunner:
         logits[:, self.image_token_id] = float("-inf")
         return logits
 
-    def _decode_torch(self, tokens, pos, cos_t, sin_t, lengths) -> torch.Tensor:
+    def _decode_torch(self, tokens, pos, cos_t, sin_t, lengths, lora=None) -> torch.Tensor:
         b = tokens.shape[0]
         longest = max(lengths) + 1
         hd, nq, nkv = self.head_dim, self.heads, self.kv_heads
@@ -638,6 +765,8 @@ class LlamaRunner:
         for li, layer in enumerate(self.layers):
             h = self._rms(layer.attn_norm, x)
             qkv = layer.qkv.small(h)
+            if (d := self._delta("qkv", li, h, lora)) is not None:
+                qkv = qkv + d
             qk = self._rope(qkv[:, : (nq + nkv) * hd].view(b, nq + nkv, hd), cos, sin)
             k_new = qk[:, nq:].to(self.kv_dtype)
             v_new = qkv[:, (nq + nkv) * hd :].view(b, nkv, hd).to(self.kv_dtype)
@@ -651,8 +780,18 @@ class LlamaRunner:
             query = qk[:, :nq].reshape(b, nkv, nq // nkv, hd).to(self.kv_dtype)
             att = F.scaled_dot_product_attention(query, self._k[li, :b, :, :longest], self._v[li, :b, :, :longest],
                                                  attn_mask=mask)
-            x = x + layer.o.small(att.reshape(b, nq * hd).to(self.act_dtype)).to(self.act_dtype)
+            att = att.reshape(b, nq * hd).to(self.act_dtype)
+            o = layer.o.small(att).to(self.act_dtype)
+            if (d := self._delta("o", li, att, lora)) is not None:
+                o = o + d
+            x = x + o
             h = self._rms(layer.mlp_norm, x)
             gu = layer.gate_up.small(h)
-            x = x + layer.down.small(self.act(gu[:, : self.intermediate]) * gu[:, self.intermediate :]).to(self.act_dtype)
+            if (d := self._delta("gate_up", li, h, lora)) is not None:
+                gu = gu + d
+            a = self.act(gu[:, : self.intermediate]) * gu[:, self.intermediate :]
+            down = layer.down.small(a).to(self.act_dtype)
+            if (d := self._delta("down", li, a, lora)) is not None:
+                down = down + d
+            x = x + down
         return self._logits(x, few=True)
