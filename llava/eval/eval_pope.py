@@ -5,9 +5,9 @@ answers (by the question file's `category`, in answer-file order) are paired wit
 from __future__ import annotations
 
 import argparse
-import json
 import os
 
+from llava.eval.files import SCORER_ERRORS, main_entry, read_jsonl
 from llava.eval.scoring import pope_scores
 
 
@@ -17,17 +17,14 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--question-file", type=str, required=True)
     p.add_argument("--result-file", type=str, required=True)
     args = p.parse_args(argv)
-    with open(args.question_file) as f:
-        category_of = {q["question_id"]: q["category"] for q in map(json.loads, filter(str.strip, f))}
-    with open(args.result_file) as f:
-        answers = [json.loads(line) for line in f if line.strip()]
+    category_of = {q["question_id"]: q["category"] for q in read_jsonl(args.question_file)}
+    answers = read_jsonl(args.result_file)
     out = {}
     for name in sorted(os.listdir(args.annotation_dir)):
         if not (name.startswith("coco_pope_") and name.endswith(".json")):
             raise SystemExit(f"{args.annotation_dir}: {name} is not a coco_pope_<category>.json label file")
         category = name[len("coco_pope_"):-len(".json")]
-        with open(os.path.join(args.annotation_dir, name)) as f:
-            labels = [json.loads(line)["label"] for line in f if line.strip()]
+        labels = [row["label"] for row in read_jsonl(os.path.join(args.annotation_dir, name))]
         texts = [a["text"] for a in answers if category_of.get(a["question_id"]) == category]
         s = pope_scores(texts, labels)
         out[category] = s
@@ -43,4 +40,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    main_entry(main, SCORER_ERRORS)

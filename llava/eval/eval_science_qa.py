@@ -8,6 +8,7 @@ import argparse
 import json
 import os
 
+from llava.eval.files import SCORER_ERRORS, main_entry, read_json, read_jsonl
 from llava.eval.scoring import OPTIONS, science_answer
 
 
@@ -19,12 +20,9 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--output-result", type=str, required=True)
     p.add_argument("--split", type=str, default="test")
     args = p.parse_args(argv)
-    with open(os.path.join(args.base_dir, "pid_splits.json")) as f:
-        split = json.load(f)[args.split]
-    with open(os.path.join(args.base_dir, "problems.json")) as f:
-        problems = json.load(f)
-    with open(args.result_file) as f:
-        predictions = {r["question_id"]: r for r in map(json.loads, filter(str.strip, f))}
+    split = read_json(os.path.join(args.base_dir, "pid_splits.json"))[args.split]
+    problems = read_json(os.path.join(args.base_dir, "problems.json"))
+    predictions = {r["question_id"]: r for r in read_jsonl(args.result_file)}
     results = {"correct": [], "incorrect": []}
     sqa = {"acc": None, "correct": None, "count": None, "results": {}, "outputs": {}}
     for pid in split:
@@ -53,4 +51,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    main_entry(main, SCORER_ERRORS)

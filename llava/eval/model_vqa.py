@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import argparse
 
-from llava.eval.vqa import Question, add_common_args, main_entry, read_jsonl, run
+from llava.eval.files import main_entry, read_jsonl
+from llava.eval.vqa import Question, add_common_args, run
 
 
 def questions_of(rows: list[dict]) -> list[Question]:

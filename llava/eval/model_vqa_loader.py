@@ -3,8 +3,9 @@ default --max_new_tokens is 128). Here both answer through the engine, so they d
 
 from __future__ import annotations
 
+from llava.eval.files import main_entry, read_jsonl
 from llava.eval.model_vqa import build_parser, questions_of
-from llava.eval.vqa import main_entry, read_jsonl, run
+from llava.eval.vqa import run
 
 
 def main(argv: list[str] | None = None, loaded=None) -> int:

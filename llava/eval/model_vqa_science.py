@@ -8,7 +8,8 @@ import argparse
 import json
 import os
 
-from llava.eval.vqa import SINGLE_PRED_PROMPT, Question, add_common_args, main_entry, run
+from llava.eval.files import main_entry
+from llava.eval.vqa import SINGLE_PRED_PROMPT, Question, add_common_args, run
 
 
 def questions_of(rows: list[dict], single_pred_prompt: bool) -> list[Question]:

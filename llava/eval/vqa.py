@@ -3,10 +3,13 @@
 Promises:
 - Questions are split into `--num-chunks` parts with the original's ceil-sized chunks, so the shards of a
   multi-process run are the original's shards; `--chunk-idx` picks one.
+  Rounds of one question (MMBench's option rotations) stay in one chunk.
 - Each answer line is `{question_id, prompt, text, answer_id, model_id, metadata}` (`prompt` is the question as the
-  original writes it, `model_id` the model's name from its path, as `get_model_name_from_path` gives it).
-- An answers file that already holds some of this chunk's question ids is continued: those questions are skipped,
-  nothing is written twice (a killed run resumes). Answers are written in question order, each flushed.
+  original writes it, `model_id` the model's name from its path, as `get_model_name_from_path` gives it); MMBench's
+  add `round_id` after the id and `options`, `option_char` after the text, in the original's order.
+- An answers file that already holds some of this chunk's questions (ids, with round ids where there are rounds) is
+  continued: those are skipped, nothing is written twice (a killed run resumes). Answers are written in question
+  order, each flushed.
 - `--conv-mode` takes the original's conversation names; an unknown one is an error listing them.
 - All questions are submitted to one engine (a bounded window in flight), so they decode in batches and questions
   sharing an image encode it once. temperature 0 is greedy; `--num_beams` other than 1 is refused (the engine
@@ -19,7 +22,6 @@ import argparse
 import json
 import math
 import os
-import sys
 import uuid
 from collections import deque
 from collections.abc import Iterator
@@ -42,7 +44,26 @@ class Question:
     question_id: object
     text: str  # the user message, `<image>\n` first when there is an image
     prompt: str  # what the answer file records as the prompt (the original's cur_prompt)
-    image: str | None  # file name inside --image-folder
+    image: str | bytes | None  # file name inside --image-folder, or the encoded image itself
+    round_id: int | None = None  # MMBench: which rotation of the options
+    options: list[str] | None = None  # MMBench: the options in the order shown
+    option_char: list[str] | None = None  # MMBench: each shown option's own letter
+
+    @property
+    def key(self) -> str:
+        """What identifies this question in an answers file (for resuming)."""
+        return json.dumps([self.question_id, self.round_id] if self.round_id is not None else self.question_id)
+
+    def record(self, text: str, model_id: str) -> dict:
+        """The answer line, fields in the original's order."""
+        out: dict = {"question_id": self.question_id}
+        if self.round_id is not None:
+            out["round_id"] = self.round_id
+        out.update(prompt=self.prompt, text=text)
+        if self.options is not None:
+            out.update(options=self.options, option_char=self.option_char)
+        out.update(answer_id=uuid.uuid4().hex[:22], model_id=model_id, metadata={})
+        return out
 
 
 def add_common_args(p: argparse.ArgumentParser, *, conv_mode: str, temperature: float, max_new_tokens: int) -> None:
@@ -66,6 +87,17 @@ def model_name_from_path(model_path: str) -> str:
     """The original's get_model_name_from_path: the last folder, `parent_checkpoint-N` for a checkpoint folder."""
     parts = model_path.strip("/").split("/")
     return f"{parts[-2]}_{parts[-1]}" if parts[-1].startswith("checkpoint-") and len(parts) > 1 else parts[-1]
+
+
+def chunk_questions(questions: list[Question], n: int, k: int) -> list[Question]:
+    """get_chunk over questions, the rounds of one question (consecutive, same id) counting as one item."""
+    groups: list[list[Question]] = []
+    for q in questions:
+        if groups and q.round_id is not None and groups[-1][0].question_id == q.question_id:
+            groups[-1].append(q)
+        else:
+            groups.append([q])
+    return [q for group in get_chunk(groups, n, k) for q in group]
 
 
 def get_chunk(items: list, n: int, k: int) -> list:
@@ -95,7 +127,8 @@ def answered_ids(answers_file: Path) -> set:
             row = json.loads(line)
         except json.JSONDecodeError:
             continue
-        done.add(json.dumps(row["question_id"]))
+        rid = row.get("round_id")
+        done.add(json.dumps([row["question_id"], rid] if rid is not None else row["question_id"]))
         keep.append(line)
     answers_file.write_text("".join(k + "\n" for k in keep))
     return done
@@ -115,11 +148,11 @@ def run(args: argparse.Namespace, questions: list[Question], loaded=None) -> int
         raise SystemExit(f"--num_beams {args.num_beams}: beam search is not supported (the engine decodes one "
                          "sequence per request); the original's scripts use 1")
     template = template_for(args.conv_mode)
-    questions = get_chunk(questions, args.num_chunks, args.chunk_idx)
+    questions = chunk_questions(questions, args.num_chunks, args.chunk_idx)
     answers_file = Path(os.path.expanduser(args.answers_file))
     answers_file.parent.mkdir(parents=True, exist_ok=True)
     done = answered_ids(answers_file)
-    todo = [q for q in questions if json.dumps(q.question_id) not in done]
+    todo = [q for q in questions if q.key not in done]
     if not todo:
         return 0
     lm = loaded or load_model(os.path.expanduser(args.model_path), model_base=args.model_base, dtype=args.dtype,
@@ -134,7 +167,8 @@ def run(args: argparse.Namespace, questions: list[Question], loaded=None) -> int
     def request(q: Question):
         images = []
         if q.image is not None:
-            images = lm.process_images([load_image(os.path.join(args.image_folder, q.image))])
+            src = q.image if isinstance(q.image, bytes) else os.path.join(args.image_folder, q.image)
+            images = lm.process_images([load_image(src)])
         ids = render([{"role": "user", "content": q.text}], template, lm.tokenizer,
                      image_token_counts=[im.num_tokens for im in images], add_generation_prompt=True).input_ids
         return GenerationRequest(ids, images, sampling)
@@ -143,9 +177,7 @@ def run(args: argparse.Namespace, questions: list[Question], loaded=None) -> int
     try:
         with answers_file.open("a") as out, tqdm(total=len(todo), desc="answering") as bar:
             for q, result in _in_order(engine, todo, request):
-                out.write(json.dumps({"question_id": q.question_id, "prompt": q.prompt, "text": result.text.strip(),
-                                      "answer_id": uuid.uuid4().hex[:22], "model_id": model_id,
-                                      "metadata": {}}) + "\n")
+                out.write(json.dumps(q.record(result.text.strip(), model_id)) + "\n")
                 out.flush()
                 written += 1
                 bar.update()
@@ -165,15 +197,3 @@ def _in_order(engine, questions: list[Question], make_request) -> Iterator[tuple
     for q, handle in pending:
         yield q, handle.result()
 
-
-def read_jsonl(path: str) -> list[dict]:
-    with open(os.path.expanduser(path)) as f:
-        return [json.loads(line) for line in f if line.strip()]
-
-
-def main_entry(fn) -> None:
-    """Run a runner's main, reporting a missing file as a one-line error."""
-    try:
-        fn()
-    except FileNotFoundError as e:
-        sys.exit(f"error: {e}")
