@@ -8,6 +8,9 @@ Promises:
   BODY_TOO_LARGE, INVALID_JSON or INVALID_PARAMS and a message naming the field.
 - `AddressAllowlist` decides which URLs a controller may register (and so proxy to): http(s) only, host matched
   against exact names, `*.suffix` patterns or IP networks. The default allows loopback only.
+- The cluster token (`--auth-token` or $LLAVA_AUTH_TOKEN, `resolve_token`): when set, workers send it to register
+  and heartbeat, the controller sends it on every call to a worker, and each side refuses requests without it
+  (`check_token`, constant-time comparison) with a message naming the flag.
 """
 
 from __future__ import annotations
@@ -15,9 +18,11 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import difflib
+import hmac
 import ipaddress
 import json
 import logging
+import os
 import socket
 import time
 import urllib.parse
@@ -38,6 +43,35 @@ FRAME_DELIMITER = b"\0"
 STREAM_MEDIA_TYPE = "application/octet-stream"
 
 M = TypeVar("M", bound=BaseModel)
+AUTH_TOKEN_ENV = "LLAVA_AUTH_TOKEN"
+AUTH_TOKEN_HELP = (f"shared secret of the controller, its workers and the API server (default: ${AUTH_TOKEN_ENV}); "
+                   "when set, nothing without it can register a worker or call one")
+
+
+# ----------------------------------------------------------------------------------------------- cluster token
+
+
+def resolve_token(token: str | None) -> str | None:
+    """The cluster token: the one given, else $LLAVA_AUTH_TOKEN, else None (no authentication)."""
+    return token if token else (os.environ.get(AUTH_TOKEN_ENV) or None)
+
+
+def auth_headers(token: str | None) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token}"} if token else {}
+
+
+def bearer(request: Request) -> str:
+    auth = request.headers.get("authorization", "")
+    return auth[7:].strip() if auth.lower().startswith("bearer ") else ""
+
+
+def check_token(request: Request, token: str | None, what: str) -> None:
+    """Refuse `what` (e.g. "worker registration") unless the request carries the cluster token (when one is set)."""
+    if token and not hmac.compare_digest(bearer(request).encode(), token.encode()):
+        sent = "a different token" if bearer(request) else "no token"
+        raise ServeError(ErrorCode.UNAUTHORIZED,
+                         f"{what} refused: the request carried {sent}; this cluster requires its shared token "
+                         f"(--auth-token or ${AUTH_TOKEN_ENV}, sent as Authorization: Bearer <token>)")
 
 
 # ----------------------------------------------------------------------------------------------- framing

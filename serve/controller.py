@@ -17,6 +17,13 @@ Endpoints (POST, JSON, as in the original LLaVA unless marked new):
   that dies mid-stream ends the stream with an error chunk (code 3) and is dropped at once. The response header
   X-Worker-Address names the worker that served the request.
 - /list_workers (new) -> {workers: {url: {...}}}; GET /health; GET /metrics (Prometheus text).
+- /load_lora_adapter {lora_name, lora_path, base_model?} and /unload_lora_adapter {lora_name} (new, need the cluster
+  token): forwarded to the workers serving `base_model` (needed only when several base models are registered) /
+  holding the adapter; their new model lists are registered at once. /list_models also answers
+  `adapters: {name: base}`.
+With a cluster token (`--auth-token` / $LLAVA_AUTH_TOKEN) workers must send it to register and heartbeat, and the
+controller sends it on every call to a worker; clients of /list_models, /get_worker_address and the generate
+endpoints need none (put the API server in front for client keys).
 Workers that miss heartbeats for `--heart-beat-expiration` seconds are dropped (checked every expiration/4 s).
 Dispatch: shortest_queue (default; min queue_length / speed, counting requests this controller sent) or lottery
 (random, weighted by speed).
@@ -35,13 +42,15 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 import httpx
+from pydantic import BaseModel
 from fastapi import FastAPI, Request
 from fastapi.responses import Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, generate_latest
 
 from serve.common import (
-    DEFAULT_ALLOWED_HOSTS, DEFAULT_MAX_BODY_BYTES, STREAM_MEDIA_TYPE, AddressAllowlist, aiter_chunks,
-    encode_chunk, error_response, parse_body, read_body, run_server, server_parser, setup_logging,
+    AUTH_TOKEN_HELP, DEFAULT_ALLOWED_HOSTS, DEFAULT_MAX_BODY_BYTES, STREAM_MEDIA_TYPE, AddressAllowlist,
+    aiter_chunks, auth_headers, check_token, encode_chunk, error_response, parse_body, read_body, resolve_token,
+    run_server, server_parser, setup_logging,
 )
 from serve.protocol import (
     ErrorCode, GetWorkerAddressRequest, HeartBeatRequest, RegisterWorkerRequest, ServeError, WorkerStatus, image_ref,
@@ -61,11 +70,13 @@ class WorkerInfo:
     queue_length: int
     check_heart_beat: bool
     last_heart_beat: float
+    adapters: dict[str, str] = field(default_factory=dict)  # LoRA adapter name -> its base model name
 
     def to_dict(self) -> dict:
         return {
             "model_names": self.model_names, "speed": self.speed, "queue_length": self.queue_length,
             "check_heart_beat": self.check_heart_beat, "last_heart_beat": self.last_heart_beat,
+            "adapters": self.adapters,
         }
 
 
@@ -79,8 +90,10 @@ class ControllerConfig:
     worker_timeout: float = field(default=300.0, metadata={
         "help": "seconds of silence from a worker's stream before the request fails"})
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
+    auth_token: str | None = field(default=None, metadata={"help": AUTH_TOKEN_HELP})
 
     def __post_init__(self) -> None:
+        self.auth_token = resolve_token(self.auth_token)
         if self.dispatch_method not in DISPATCH_METHODS:
             raise ValueError(f"unknown dispatch method {self.dispatch_method!r}; valid: {', '.join(DISPATCH_METHODS)}")
         if self.heart_beat_expiration <= 0:
@@ -111,9 +124,11 @@ class Registry:
         self.rng = rng or random.Random()
 
     def add(self, url: str, status: WorkerStatus, check_heart_beat: bool) -> None:
+        adapters = getattr(status, "adapters", None)
         self.workers[url] = WorkerInfo(
             model_names=list(status.model_names), speed=float(status.speed), queue_length=int(status.queue_length),
             check_heart_beat=check_heart_beat, last_heart_beat=time.monotonic(),
+            adapters={str(k): str(v) for k, v in adapters.items()} if isinstance(adapters, dict) else {},
         )
         self.metrics.workers.set(len(self.workers))
         logger.info("registered worker %s serving %s", url, status.model_names)
@@ -144,6 +159,12 @@ class Registry:
 
     def models(self) -> list[str]:
         return sorted({m for w in self.workers.values() for m in w.model_names})
+
+    def adapters(self) -> dict[str, str]:
+        return {name: base for w in self.workers.values() for name, base in w.adapters.items()}
+
+    def base_models(self) -> list[str]:
+        return sorted({m for w in self.workers.values() for m in w.model_names if m not in w.adapters})
 
     def candidates(self, model: str) -> list[str]:
         return [url for url, w in self.workers.items() if model in w.model_names]
@@ -216,6 +237,62 @@ async def fetch_worker_status(client: httpx.AsyncClient, url: str) -> WorkerStat
         return WorkerStatus.model_validate(r.json())
     except (httpx.HTTPError, ValueError) as e:
         raise ServeError(ErrorCode.WORKER_UNREACHABLE, f"cannot get the status of worker {url}: {e!r}") from None
+
+
+class LoadAdapterRequest(BaseModel):
+    lora_name: str
+    lora_path: str
+    base_model: str | None = None
+
+
+class UnloadAdapterRequest(BaseModel):
+    lora_name: str
+
+
+async def call_workers(state: ControllerState, urls: list[str], endpoint: str, body: dict) -> dict:
+    """POST `body` to each worker; every one's new status is registered. Raises the first worker's error."""
+    done = []
+    for url in urls:
+        try:
+            r = await state.client.post(url + endpoint, json=body, timeout=300.0)
+        except httpx.HTTPError as e:
+            raise ServeError(ErrorCode.WORKER_UNREACHABLE, f"worker {url}: {type(e).__name__}: {e} "
+                             f"(done on: {done or 'none'})") from None
+        if r.status_code != 200:
+            try:
+                err = ServeError.from_chunk(r.json())
+            except (ValueError, AttributeError, KeyError, TypeError):
+                err = ServeError(ErrorCode.INTERNAL, f"HTTP {r.status_code}: {r.text[:500]}")
+            raise ServeError(err.code, f"worker {url}: {err.message} (done on: {done or 'none'})")
+        state.registry.add(url, WorkerStatus.model_validate(r.json()["status"]),
+                           state.registry.workers[url].check_heart_beat if url in state.registry.workers else True)
+        done.append(url)
+    return {"workers": done}
+
+
+async def load_adapter(state: ControllerState, req: LoadAdapterRequest) -> dict:
+    bases = state.registry.base_models()
+    base = req.base_model
+    if base is None:
+        if len(bases) != 1:
+            raise ServeError(ErrorCode.INVALID_PARAMS, f"several base models are registered ({', '.join(bases)}): "
+                             "say which one the adapter is for with base_model")
+        base = bases[0]
+    urls = [u for u in state.registry.candidates(base) if base not in state.registry.workers[u].adapters]
+    if not urls:
+        raise ServeError(ErrorCode.UNKNOWN_MODEL, f"no worker serves base model {base!r}; base models: "
+                         f"{', '.join(bases) or 'none'}")
+    body = {"lora_name": req.lora_name, "lora_path": req.lora_path}
+    return {"lora_name": req.lora_name, "base_model": base, **await call_workers(state, urls, "/load_lora_adapter", body)}
+
+
+async def unload_adapter(state: ControllerState, req: UnloadAdapterRequest) -> dict:
+    urls = [u for u, w in state.registry.workers.items() if req.lora_name in w.adapters]
+    if not urls:
+        raise ServeError(ErrorCode.UNKNOWN_MODEL, f"no worker holds adapter {req.lora_name!r}; adapters: "
+                         f"{', '.join(sorted(state.registry.adapters())) or 'none'}")
+    return {"lora_name": req.lora_name,
+            **await call_workers(state, urls, "/unload_lora_adapter", {"lora_name": req.lora_name})}
 
 
 async def expiry_loop(state: ControllerState) -> None:
@@ -318,7 +395,7 @@ def create_app(config: ControllerConfig | None = None) -> FastAPI:
         metrics = Metrics()
         timeout = httpx.Timeout(connect=5.0, read=config.worker_timeout, write=30.0, pool=30.0)
         limits = httpx.Limits(max_connections=1000, max_keepalive_connections=100)
-        client = httpx.AsyncClient(timeout=timeout, limits=limits)
+        client = httpx.AsyncClient(timeout=timeout, limits=limits, headers=auth_headers(config.auth_token))
         state = ControllerState(config, Registry(config, metrics), metrics, client)
         state.tasks.append(asyncio.create_task(expiry_loop(state)))
         app.state.controller = state
@@ -339,6 +416,7 @@ def create_app(config: ControllerConfig | None = None) -> FastAPI:
     @app.post("/register_worker")
     async def register_worker(request: Request):
         s = st(request)
+        check_token(request, s.config.auth_token, "worker registration")
         req = await parse_body(request, RegisterWorkerRequest)
         url = s.registry.allowlist.check_url(req.worker_name)
         status = req.worker_status or await fetch_worker_status(s.client, url)
@@ -347,6 +425,7 @@ def create_app(config: ControllerConfig | None = None) -> FastAPI:
 
     @app.post("/receive_heart_beat")
     async def receive_heart_beat(request: Request):
+        check_token(request, st(request).config.auth_token, "heartbeat")
         req = await parse_body(request, HeartBeatRequest)
         return {"exist": st(request).registry.heart_beat(req.worker_name.rstrip("/"), req.queue_length)}
 
@@ -364,7 +443,26 @@ def create_app(config: ControllerConfig | None = None) -> FastAPI:
 
     @app.post("/list_models")
     async def list_models(request: Request):
-        return {"models": st(request).registry.models()}
+        reg = st(request).registry
+        return {"models": reg.models(), "adapters": reg.adapters()}
+
+    def admin(request: Request, what: str) -> ControllerState:
+        s = st(request)
+        if not s.config.auth_token:
+            raise ServeError(ErrorCode.UNAUTHORIZED, f"{what} through the controller is off: start it (and the "
+                             "workers) with --auth-token or $LLAVA_AUTH_TOKEN, and send that token")
+        check_token(request, s.config.auth_token, what)
+        return s
+
+    @app.post("/load_lora_adapter")
+    async def load_lora_adapter(request: Request):
+        s = admin(request, "loading an adapter")
+        return await load_adapter(s, await parse_body(request, LoadAdapterRequest))
+
+    @app.post("/unload_lora_adapter")
+    async def unload_lora_adapter(request: Request):
+        s = admin(request, "unloading an adapter")
+        return await unload_adapter(s, await parse_body(request, UnloadAdapterRequest))
 
     @app.post("/get_worker_address")
     async def get_worker_address(request: Request):

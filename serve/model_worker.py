@@ -3,7 +3,8 @@
 Run: `python -m serve.model_worker --model-path PATH [--model-base BASE] [--model-name NAME] [--template NAME]
 [--dtype auto] [--quantization auto|none|int8|int4|8bit|4bit] [--load-8bit|--load-4bit] [--device cpu]
 [--host 127.0.0.1] [--port 21002] [--worker-address URL]
-[--controller-address http://127.0.0.1:21001] [--no-register] [--limit-model-concurrency 16]`.
+[--controller-address http://127.0.0.1:21001] [--no-register] [--limit-model-concurrency 16]
+[--lora-modules NAME=PATH ...] [--auth-token SECRET]`.
 PATH is anything `llava.loading.load_model` takes: `default`, an HF llava folder or hub id, an original-format
 checkpoint, a projector-only or LoRA folder (with --model-base).
 
@@ -16,8 +17,14 @@ Endpoints:
   temperature <= 0.001 means greedy, as in LLaVA.
 - POST /worker_generate_messages (new): {model, messages: [{role, content}], images: [base64], sampling fields}.
   Rendered with the model's own template (`LoadedModel.render`); chunks carry `text` = generated text only.
-- POST /worker_get_status -> {model_names, speed, queue_length, context_length, template}; POST /model_details;
-  GET /health; GET /metrics (Prometheus).
+- POST /worker_get_status -> {model_names, speed, queue_length, context_length, template, adapters}; POST
+  /model_details; GET /health; GET /metrics (Prometheus).
+- LoRA adapters (`--lora-modules name=path ...`, vLLM's syntax, or JSON {"name", "path"}): each is one more model
+  name of this worker, chosen by the request's `model`; requests of every adapter and of the base share the running
+  batch (`llava.adapters`). POST /load_lora_adapter {lora_name, lora_path} and /unload_lora_adapter {lora_name}
+  change them at run time; they need the cluster token (`--auth-token` / $LLAVA_AUTH_TOKEN) and re-register the
+  worker's model list with the controller at once.
+- With a cluster token every endpoint but /health refuses requests without it (the controller sends it).
 Errors use `serve.protocol.ErrorCode`: found before generation -> HTTP 4xx/5xx with one framed error chunk; during
 generation -> a final chunk with error_code != 0. `queue_length` counts requests accepted and not yet finished.
 
@@ -33,6 +40,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import json
 import logging
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -47,10 +55,12 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, G
 from llava.config import EngineConfig, LoadOptions
 from llava.engine import RequestHandle
 from llava.images import MAX_IMAGE_BYTES, MAX_IMAGE_PIXELS
+from pydantic import BaseModel
+
 from serve.common import (
-    DEFAULT_MAX_BODY_BYTES, STREAM_MEDIA_TYPE, add_config_args, add_engine_args, add_precision_args,
-    config_from_args, decode_image_payload, encode_chunk, engine_config_from_args, error_response, parse_body,
-    server_parser, setup_logging,
+    AUTH_TOKEN_HELP, DEFAULT_MAX_BODY_BYTES, STREAM_MEDIA_TYPE, add_config_args, add_engine_args, add_precision_args,
+    auth_headers, check_token, config_from_args, decode_image_payload, encode_chunk, engine_config_from_args,
+    error_response, parse_body, resolve_token, server_parser, setup_logging,
 )
 from serve.protocol import (
     DEFAULT_CONTROLLER_URL, ErrorCode, GenerateMessagesRequest, GenerateStreamRequest, ServeError, Usage, image_ref,
@@ -83,6 +93,34 @@ class WorkerConfig:
     limits: ImageLimits = field(default_factory=ImageLimits, metadata={"cli": False})  # its own flags
     engine: EngineConfig = field(default_factory=EngineConfig, metadata={"cli": False})  # add_engine_args
     warm_up: bool = field(default=True, metadata={"help": "run one request before registering"})
+    lora_modules: list[tuple[str, str]] = field(default_factory=list, metadata={"cli": False})  # (name, path)
+    auth_token: str | None = field(default=None, metadata={"help": AUTH_TOKEN_HELP})
+
+    def __post_init__(self) -> None:
+        self.auth_token = resolve_token(self.auth_token)
+
+
+def parse_lora_module(spec: str) -> tuple[str, str]:
+    """`name=path` or vLLM's JSON form {"name": ..., "path": ...}."""
+    if spec.lstrip().startswith("{"):
+        try:
+            d = json.loads(spec)
+            return str(d["name"]), str(d["path"])
+        except (ValueError, KeyError, TypeError) as e:
+            raise argparse.ArgumentTypeError(f"--lora-modules {spec!r}: JSON needs name and path ({e})") from None
+    name, sep, path = spec.partition("=")
+    if not sep or not name or not path:
+        raise argparse.ArgumentTypeError(f"--lora-modules {spec!r}: expected NAME=PATH")
+    return name, path
+
+
+class LoadAdapterBody(BaseModel):
+    lora_name: str
+    lora_path: str
+
+
+class UnloadAdapterBody(BaseModel):
+    lora_name: str
 
 
 class WorkerMetrics:
@@ -128,6 +166,7 @@ class WorkerState:
         return {
             "model_names": self.serving.names, "speed": 1, "queue_length": self.in_flight,
             "context_length": self.serving.loaded.context_length, "template": self.serving.loaded.template.name,
+            "adapters": {name: self.serving.base_names[0] for name in self.serving.adapter_info},
         }
 
 
@@ -221,8 +260,7 @@ async def generate(state: WorkerState, request: Request, endpoint: str) -> Respo
             raise ServeError(ErrorCode.OVERLOADED, f"worker queue is full ({state.in_flight} requests in flight)")
         model = GenerateStreamRequest if endpoint == "/worker_generate_stream" else GenerateMessagesRequest
         req = await parse_body(request, model, state.config.max_body_bytes, on_unknown=state.note_unknown)
-        if req.model is not None and req.model not in state.serving.names:
-            raise ServeError(ErrorCode.UNKNOWN_MODEL, f"this worker serves {state.serving.names}, not {req.model!r}")
+        adapter = state.serving.adapter_for(req.model)
         images = [image_ref(p) or decode_image_payload(p, i, state.config.limits.max_bytes)
                   for i, p in enumerate(req.images)]
         if isinstance(req, GenerateStreamRequest):
@@ -232,6 +270,7 @@ async def generate(state: WorkerState, request: Request, endpoint: str) -> Respo
             messages = [m.model_dump() for m in req.messages]
             prepared = await asyncio.to_thread(state.serving.prepare_messages, messages, images, req)
             echo = ""
+        prepared.adapter = adapter
         handle = state.serving.submit(prepared)
     except ServeError as e:
         state.metrics.requests.labels(endpoint, e.code.name.lower()).inc()
@@ -260,10 +299,12 @@ def create_app(config: WorkerConfig, serving: ServingModel | None = None) -> Fas
             config.model_path, config.load, names=[config.model_name] if config.model_name else None,
             max_batch_size=config.max_batch_size, limits=config.limits, engine_config=config.engine,
         )
+        for name, path in config.lora_modules:
+            model.load_adapter(name, path)
         model.engine.start()
         if config.warm_up and serving is None:
             logger.info("warm-up request took %.2f s", await asyncio.to_thread(model.warm_up))
-        client = httpx.AsyncClient(timeout=10.0)
+        client = httpx.AsyncClient(timeout=10.0, headers=auth_headers(config.auth_token))
         state = WorkerState(config, model, WorkerMetrics(), client)
         if config.register:
             state.tasks.append(asyncio.create_task(heart_beat_loop(state)))
@@ -279,6 +320,43 @@ def create_app(config: WorkerConfig, serving: ServingModel | None = None) -> Fas
 
     def st(request: Request) -> WorkerState:
         return request.app.state.worker
+
+    @app.middleware("http")
+    async def cluster_token(request: Request, call_next):
+        if request.url.path != "/health":
+            try:
+                check_token(request, config.auth_token, f"{request.url.path} on this worker")
+            except ServeError as e:
+                return error_response(e, framed=request.url.path.startswith("/worker_generate"))
+        return await call_next(request)
+
+    async def changed_models(s: WorkerState) -> dict:
+        if s.config.register:
+            try:
+                await register(s)
+            except (httpx.HTTPError, RuntimeError) as e:  # the heartbeat loop registers again later
+                logger.warning("could not register the new model list with the controller: %s", e)
+        return s.status()
+
+    @app.post("/load_lora_adapter")
+    async def load_lora_adapter(request: Request):
+        s = st(request)
+        if not s.config.auth_token:
+            raise ServeError(ErrorCode.UNAUTHORIZED, "loading adapters at run time is off: start the worker with "
+                             "--auth-token (or $LLAVA_AUTH_TOKEN) and send that token")
+        body = await parse_body(request, LoadAdapterBody)
+        info = await asyncio.to_thread(s.serving.load_adapter, body.lora_name, body.lora_path)
+        return {"adapter": info, "status": await changed_models(s)}
+
+    @app.post("/unload_lora_adapter")
+    async def unload_lora_adapter(request: Request):
+        s = st(request)
+        if not s.config.auth_token:
+            raise ServeError(ErrorCode.UNAUTHORIZED, "unloading adapters at run time is off: start the worker with "
+                             "--auth-token (or $LLAVA_AUTH_TOKEN) and send that token")
+        body = await parse_body(request, UnloadAdapterBody)
+        s.serving.unload_adapter(body.lora_name)
+        return {"status": await changed_models(s)}
 
     @app.exception_handler(ServeError)
     async def _serve_error(request: Request, exc: ServeError):
@@ -327,6 +405,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_config_args(p.add_argument_group("loading", "how the checkpoint is loaded (llava.config.LoadOptions)"),
                     LoadOptions)
     add_config_args(p.add_argument_group("images", "limits on each request's images"), ImageLimits)
+    p.add_argument("--lora-modules", nargs="+", type=parse_lora_module, default=[], metavar="NAME=PATH",
+                   help="LoRA adapters served on this base, each as one more model name (PEFT folders or a "
+                        "train.train output); vLLM's JSON form {\"name\": ..., \"path\": ...} works too")
     add_precision_args(p)
     add_engine_args(p)
     return p
@@ -337,7 +418,7 @@ def worker_config_from_args(args: argparse.Namespace) -> WorkerConfig:
         WorkerConfig, args, worker_address=args.worker_address or f"http://{args.host}:{args.port}",
         load=config_from_args(LoadOptions, args, quantization=args.quantization, dtype=args.dtype),
         limits=config_from_args(ImageLimits, args),
-        engine=engine_config_from_args(args, max_batch_size=args.max_batch_size),
+        engine=engine_config_from_args(args, max_batch_size=args.max_batch_size), lora_modules=list(args.lora_modules),
     )
 
 

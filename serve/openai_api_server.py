@@ -3,7 +3,10 @@
 Run: `python -m serve.openai_api_server [--host 127.0.0.1] [--port 8000] [--controller-address
 http://127.0.0.1:21001] [--api-keys KEY1,KEY2] [--allow-image-urls --image-url-max-bytes N --image-url-timeout S]`.
 
-- GET /v1/models: the models the controller's workers serve.
+- GET /v1/models: the models the controller's workers serve; a LoRA adapter names its base as `parent` (as vLLM).
+- POST /v1/load_lora_adapter {lora_name, lora_path, base_model?} and /v1/unload_lora_adapter {lora_name} (vLLM's
+  run-time adapter endpoints): only with --api-keys (the caller's key) and the cluster token (--auth-token /
+  $LLAVA_AUTH_TOKEN, passed on to the controller); the adapter is then a `model` like any other.
 - POST /v1/chat/completions: messages whose content is a string or parts {"type": "text"} / {"type": "image_url",
   "image_url": {"url": "data:image/...;base64,..."}}; http(s) image URLs only with --allow-image-urls (then fetched
   here with a byte cap and a deadline). Each image part becomes one `<image>` marker where it stands (parts joined
@@ -40,15 +43,15 @@ from typing import Any, Literal
 
 import httpx
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from llava.config import MAX_TOP_LOGPROBS
 from llava.image_data import MAX_IMAGE_BYTES
 from llava.templates import IMAGE_PLACEHOLDER
 from serve.common import (
-    DEFAULT_MAX_BODY_BYTES, FRAME_DELIMITER, aiter_chunks, fetch_image_url, iter_chunks,
-    parse_body, run_server, server_parser, setup_logging,
+    AUTH_TOKEN_HELP, DEFAULT_MAX_BODY_BYTES, FRAME_DELIMITER, aiter_chunks, auth_headers, fetch_image_url,
+    iter_chunks, parse_body, resolve_token, run_server, server_parser, setup_logging,
 )
 from serve.protocol import DEFAULT_CONTROLLER_URL, IMAGE_REF_SCHEME, ErrorCode, ServeError, image_ref
 
@@ -143,6 +146,16 @@ class ChatCompletionRequest(BaseModel):
     image_mode: Literal["pad", "resize", "crop", "anyres", "default"] | None = None
 
 
+class AdapterRequest(BaseModel):
+    """vLLM's run-time LoRA requests (its other fields, e.g. lora_int_id, are accepted and ignored)."""
+
+    model_config = ConfigDict(extra="allow")
+
+    lora_name: str
+    lora_path: str | None = None
+    base_model: str | None = None
+
+
 # ----------------------------------------------------------------------------------------------- state
 
 
@@ -157,6 +170,10 @@ class OpenAIConfig:
     image_url_timeout: float = 10.0
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
     default_max_tokens: int = 256
+    auth_token: str | None = field(default=None, metadata={"help": AUTH_TOKEN_HELP})
+
+    def __post_init__(self) -> None:
+        self.auth_token = resolve_token(self.auth_token)
 
 
 @dataclass
@@ -484,9 +501,39 @@ def create_app(config: OpenAIConfig | None = None) -> FastAPI:
             r.raise_for_status()
         except httpx.HTTPError as e:
             raise unreachable(s.config, e) from None
+        adapters = r.json().get("adapters") or {}
         return {"object": "list", "data": [
-            {"id": m, "object": "model", "created": 0, "owned_by": "llava"} for m in r.json()["models"]
+            {"id": m, "object": "model", "created": 0, "owned_by": "llava", "root": m, "parent": adapters.get(m)}
+            for m in r.json()["models"]
         ]}
+
+    async def adapter_admin(request: Request, endpoint: str, keys: tuple[str, ...]) -> Response:
+        s = st(request)
+        if not s.config.api_keys:
+            raise ServeError(ErrorCode.UNAUTHORIZED, "loading and unloading adapters at run time needs the server "
+                             "started with --api-keys (and --auth-token, the cluster's token)")
+        check_api_key(s.config, request)
+        body = (await parse_body(request, AdapterRequest, s.config.max_body_bytes)).model_dump()
+        if endpoint == "/load_lora_adapter" and not body.get("lora_path"):
+            raise ServeError(ErrorCode.INVALID_PARAMS, "invalid request: lora_path: the adapter's folder is required")
+        payload = {k: body.get(k) for k in keys if body.get(k) is not None}
+        try:
+            r = await s.client.post(s.config.controller_address + endpoint, json=payload, timeout=600.0,
+                                    headers=auth_headers(s.config.auth_token))
+        except httpx.HTTPError as e:
+            raise unreachable(s.config, e) from None
+        if r.status_code != 200:
+            raise error_from_body(r.content, r.status_code)
+        done = "added" if endpoint == "/load_lora_adapter" else "removed"
+        return PlainTextResponse(f"Success: LoRA adapter '{payload.get('lora_name')}' {done} successfully.")
+
+    @app.post("/v1/load_lora_adapter")
+    async def load_lora_adapter(request: Request):
+        return await adapter_admin(request, "/load_lora_adapter", ("lora_name", "lora_path", "base_model"))
+
+    @app.post("/v1/unload_lora_adapter")
+    async def unload_lora_adapter(request: Request):
+        return await adapter_admin(request, "/unload_lora_adapter", ("lora_name",))
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Response:

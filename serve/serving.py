@@ -12,8 +12,12 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
+from llava.adapters import AdapterError, read_adapter
 from llava.config import EngineConfig, LoadOptions
-from llava.engine import Engine, GenerationRequest, InvalidRequestError, PromptTooLongError, RequestHandle
+from llava.engine import (
+    Engine, GenerationRequest, InvalidRequestError, PromptTooLongError, RequestHandle, UnknownAdapterError,
+    UnsupportedModelError,
+)
 from llava.images import MAX_IMAGE_BYTES, MAX_IMAGE_PIXELS, ImageError, ProcessedImage, load_image
 from llava.loading import LoadedModel, LoadError, load_model
 from llava.sampling import InvalidSamplingParamsError, SamplingParams, TokenLogprob, token_bytes
@@ -40,6 +44,7 @@ class Prepared:
     input_ids: list[int]
     images: list[ProcessedImage]
     sampling: SamplingParams
+    adapter: str | None = None  # a LoRA adapter loaded on this model, None: the base
 
     @property
     def image_tokens(self) -> int:
@@ -64,7 +69,8 @@ class ServingModel:
     def __init__(self, loaded: LoadedModel, engine: Engine, names: Sequence[str], limits: ImageLimits = ImageLimits()):
         self.loaded = loaded
         self.engine = engine
-        self.names = list(names)
+        self.base_names = list(names)
+        self.adapter_info: dict[str, dict] = {}  # loaded LoRA adapters: name -> {path, rank, targets, parameters}
         self.limits = limits
         self._token_bytes: dict[int, bytes] = {}  # token id -> its exact bytes (logprobs entries)
 
@@ -81,6 +87,42 @@ class ServingModel:
         )
         logger.info("serving %s: %s; runner %s", loaded.name, loaded.precision_reason, engine.runner_name)
         return cls(loaded, engine, names or [loaded.name], limits)
+
+    @property
+    def names(self) -> list[str]:
+        """What requests may ask for: the base model's names, then the loaded adapters'."""
+        return self.base_names + [n for n in self.engine.adapter_names if n not in self.base_names]
+
+    # -- LoRA adapters
+
+    def load_adapter(self, name: str, path: str) -> dict:
+        """Read a LoRA adapter folder and serve it as model `name` (replacing an adapter of that name)."""
+        if not name or name in self.base_names:
+            raise ServeError(ErrorCode.INVALID_PARAMS, f"adapter name {name!r} is empty or the base model's name")
+        try:
+            adapter = read_adapter(path, self.loaded.model, name)
+            self.engine.load_adapter(adapter)
+        except (AdapterError, UnsupportedModelError) as e:
+            raise ServeError(ErrorCode.INVALID_PARAMS, f"cannot load adapter {name!r}: {e}") from None
+        self.adapter_info[name] = adapter.describe()
+        logger.info("adapter %s loaded from %s: rank %d on %s (%d parameters)", name, path, adapter.rank,
+                    ", ".join(adapter.targets), adapter.num_parameters)
+        return self.adapter_info[name]
+
+    def unload_adapter(self, name: str) -> None:
+        if not self.engine.unload_adapter(name):
+            raise ServeError(ErrorCode.UNKNOWN_MODEL, f"no adapter {name!r} is loaded; loaded: "
+                             f"{', '.join(self.engine.adapter_names) or 'none'}")
+        self.adapter_info.pop(name, None)
+        logger.info("adapter %s unloaded", name)
+
+    def adapter_for(self, model: str | None) -> str | None:
+        """The adapter a request's `model` names (None for the base); an unknown name is UNKNOWN_MODEL."""
+        if model is None or model in self.base_names:
+            return None
+        if model in self.engine.adapter_names:
+            return model
+        raise ServeError(ErrorCode.UNKNOWN_MODEL, f"this worker serves {self.names}, not {model!r}")
 
     def warm_up(self) -> float:
         """Run one short request through the engine (kernels, buffers, first-call costs) before serving; seconds."""
@@ -206,7 +248,10 @@ class ServingModel:
 
     def submit(self, prepared: Prepared) -> RequestHandle:
         try:
-            return self.engine.submit(GenerationRequest(prepared.input_ids, prepared.images, prepared.sampling))
+            return self.engine.submit(GenerationRequest(prepared.input_ids, prepared.images, prepared.sampling,
+                                                        adapter=prepared.adapter))
+        except UnknownAdapterError as e:  # unloaded since the request was read
+            raise ServeError(ErrorCode.UNKNOWN_MODEL, str(e)) from None
         except PromptTooLongError as e:
             raise ServeError(ErrorCode.PROMPT_TOO_LONG, str(e)) from None
         except InvalidRequestError as e:

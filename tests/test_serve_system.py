@@ -54,7 +54,7 @@ def assert_still_serving(url: str) -> None:
 
 
 def test_controller_knows_both_workers(cluster, ctl):
-    assert httpx.post(ctl + "/list_models").json() == {"models": [MODEL]}
+    assert httpx.post(ctl + "/list_models").json() == {"models": [MODEL], "adapters": {}}
     status = httpx.post(ctl + "/worker_get_status").json()
     assert status["model_names"] == [MODEL] and status["speed"] == 2
     urls = {cluster.procs["worker0"].url, cluster.procs["worker1"].url}
