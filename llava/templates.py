@@ -9,22 +9,26 @@ Promises:
   formats turns.
 - `to_jinja(template)` is a Hugging Face chat template that produces exactly `render(...).text`.
 - `<image>` marks where an image goes; it is one token of the tokenizer, and `render` can expand it to the number
-  of feature tokens each image yields (a count mismatch raises `ImageCountError`).
+  of feature tokens each image yields (a count mismatch raises `ImageCountError`). `<video>` (a `video` /
+  `video_url` part) marks a video the same way, for models with a video token (LLaVA-OneVision).
 """
 
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from types import MappingProxyType
 
 IMAGE_PLACEHOLDER = "<image>"
+VIDEO_PLACEHOLDER = "<video>"
 IGNORE_INDEX = -100
 
 # Roles of the LLaVA data files ({"from": "human"|"gpt", "value": ...}) and their chat equivalents.
 _ROLE_ALIASES = {"system": "system", "user": "user", "assistant": "assistant", "human": "user", "gpt": "assistant"}
 _IMAGE_PART_TYPES = ("image", "image_url")
+_VIDEO_PART_TYPES = ("video", "video_url")
 # Content parts are joined with a newline, so [image, text] gives LLaVA's "<image>\nQuestion".
 _PART_SEPARATOR = "\n"
 
@@ -127,6 +131,12 @@ def _builtin_templates() -> tuple[Template, ...]:
                  user_prefix="<|start_header_id|>user<|end_header_id|>\n\n", user_suffix="<|eot_id|>",
                  assistant_prefix="<|start_header_id|>assistant<|end_header_id|>\n\n",
                  assistant_suffix="<|eot_id|>", stop_strings=("<|eot_id|>",)),
+        # LLaVA-NeXT's conv_qwen (LLaVA-OneVision, LLaVA-NeXT-Interleave): ChatML with a newline after each turn.
+        Template("qwen_1_5", system="You are a helpful assistant.",
+                 system_prefix="<|im_start|>system\n", system_suffix="<|im_end|>\n",
+                 user_prefix="<|im_start|>user\n", user_suffix="<|im_end|>\n",
+                 assistant_prefix="<|im_start|>assistant\n", assistant_suffix="<|im_end|>\n",
+                 stop_strings=("<|im_end|>",)),
         # Stage 1: "<image>" + caption + "\n"; the caption and its newline are the target.
         Template("plain", assistant_suffix="\n", stop_strings=("\n",), supports_system=False,
                  user_images_only=True),
@@ -154,8 +164,10 @@ def _content_text(content: object, where: str) -> str:
             pieces.append(part["text"])
         elif kind in _IMAGE_PART_TYPES:
             pieces.append(IMAGE_PLACEHOLDER)
+        elif kind in _VIDEO_PART_TYPES:
+            pieces.append(VIDEO_PLACEHOLDER)
         else:
-            raise TemplateError(f"{where}: content part {part!r} is neither text nor image/image_url")
+            raise TemplateError(f"{where}: content part {part!r} is neither text nor image/image_url nor video/video_url")
     return _PART_SEPARATOR.join(pieces)
 
 
@@ -228,6 +240,63 @@ def render_text(messages: Sequence[Mapping], template: Template | str, *, add_ge
     return _build(messages, _resolve(template), add_generation_prompt)[0]
 
 
+# layouts `parse_prompt` recognises, most distinctive markers first (vicuna's "USER:" last)
+_PARSE_ORDER = ("llama3", "chatml_direct", "llava_llama_2", "vicuna_v1")
+
+
+def _marker(text: str, t: Template) -> str:
+    return (text.removeprefix(t.bos) if t.bos else text).replace("<s>", "").strip()
+
+
+def _detect(prompt: str) -> Template | None:
+    for name in _PARSE_ORDER:
+        t = _REGISTRY[name]
+        user = _marker(t.user_prefix, t)
+        answer = _marker(t.assistant_prefix, t) or _marker(t.user_suffix, t)
+        if user and user in prompt and answer in prompt:
+            return t
+    return None
+
+
+def parse_prompt(prompt: str, template: Template | str | None = None) -> list[dict[str, str]]:
+    """The messages of an already rendered prompt: the inverse of `render_text(..., add_generation_prompt=True)`,
+    tolerant of whitespace between blocks and of a missing BOS (prompts written by other programs). For a worker
+    that forwards LLaVA's templated prompts to a chat-completions engine. Without `template` the layout is
+    detected from its markers (llama3, ChatML, [INST], USER:/ASSISTANT:); a prompt in none of them is one user
+    message. `<image>` markers stay where they are."""
+    t = _resolve(template) if template is not None else _detect(prompt)
+    if t is None or not _marker(t.user_prefix, t):
+        return [{"role": "user", "content": prompt.strip()}]
+    user_mark = _marker(t.user_prefix, t)
+    answer = re.compile(re.escape(_marker(t.user_suffix, t)) + r"\s*" + re.escape(_marker(t.assistant_prefix, t)))
+    sys_open, sys_close = t.system_prefix.strip(), t.system_suffix.strip()
+    reply_end = t.assistant_suffix.strip()
+    head, *turns = prompt.split(user_mark)
+    messages: list[dict[str, str]] = []
+    system = _marker(head, t) if not t.system_in_first_user else ""
+    for i, turn in enumerate(turns):
+        found = answer.search(turn)
+        user, reply = (turn[: found.start()], turn[found.end() :]) if found else (turn, "")
+        user = user.strip()
+        if t.system_in_first_user and i == 0 and sys_open and user.startswith(sys_open):
+            system, _, user = user[len(sys_open) :].partition(sys_close)
+            user = user.strip()
+        messages.append({"role": "user", "content": user})
+        reply = reply.strip().replace("<s>", "").strip()
+        if reply_end and reply.endswith(reply_end):
+            reply = reply[: -len(reply_end)].rstrip()
+        if reply:
+            messages.append({"role": "assistant", "content": reply})
+    system = system.strip()
+    if sys_open and system.startswith(sys_open):
+        system = system[len(sys_open) :]
+    if sys_close and system.endswith(sys_close):
+        system = system[: -len(sys_close)]
+    if system.strip():
+        messages.insert(0, {"role": "system", "content": system.strip()})
+    return messages
+
+
 @dataclass
 class Rendered:
     """One rendered conversation; input_ids/labels are after `<image>` expansion, `text` before it."""
@@ -236,6 +305,7 @@ class Rendered:
     labels: list[int]  # IGNORE_INDEX (-100) everywhere except assistant reply tokens
     text: str
     num_images: int
+    num_videos: int = 0
 
 
 def image_token_id(tokenizer) -> int:
@@ -248,26 +318,61 @@ def image_token_id(tokenizer) -> int:
     return tid
 
 
+def video_token_id(tokenizer) -> int:
+    """The id the tokenizer gives `<video>`: `tokenizer.video_token_id`, else `<video>` in the vocab."""
+    tid = getattr(tokenizer, "video_token_id", None)
+    if tid is None and VIDEO_PLACEHOLDER in tokenizer.get_vocab():
+        tid = tokenizer.convert_tokens_to_ids(VIDEO_PLACEHOLDER)
+    if tid is None:
+        raise TokenizerError(f"the tokenizer has no {VIDEO_PLACEHOLDER} token: this model takes videos as frames "
+                             f"(images)")
+    return tid
+
+
+def media_order(text: str) -> list[str]:
+    """"image" / "video" for each marker of a rendered text, in prompt order."""
+    return ["image" if m == IMAGE_PLACEHOLDER else "video"
+            for m in re.findall(f"{re.escape(IMAGE_PLACEHOLDER)}|{re.escape(VIDEO_PLACEHOLDER)}", text)]
+
+
+def videos_as_images(messages: Sequence[Mapping], frame_counts: Sequence[int]) -> list[dict]:
+    """Messages (normalized) with the i-th `<video>` marker replaced by frame_counts[i] `<image>` markers: how a
+    model without a video token reads a video (its frames as images, in order)."""
+    msgs = normalize_messages(messages)
+    counts = iter(frame_counts)
+    total = sum(m["content"].count(VIDEO_PLACEHOLDER) for m in msgs)
+    if total != len(frame_counts):
+        raise ImageCountError(f"the conversation has {total} {VIDEO_PLACEHOLDER} marker(s) but {len(frame_counts)} "
+                              f"video(s) were given")
+    for m in msgs:
+        pieces = m["content"].split(VIDEO_PLACEHOLDER)
+        m["content"] = pieces[0] + "".join(IMAGE_PLACEHOLDER * next(counts) + p for p in pieces[1:])
+    return msgs
+
+
 def render(
     messages: Sequence[Mapping],
     template: Template | str,
     tokenizer,
     *,
     image_token_counts: Sequence[int] | None = None,
+    video_token_counts: Sequence[int] | None = None,
     add_generation_prompt: bool = False,
 ) -> Rendered:
     """Token ids and labels of a conversation; see the module docstring for the contract.
 
     With `image_token_counts`, the i-th `<image>` token is repeated counts[i] times (the number of feature
-    tokens image i yields); labels there are -100.
+    tokens image i yields); labels there are -100. `video_token_counts` does the same for `<video>`.
     """
     t = _resolve(template)
     text, spans, num_images = _build(messages, t, add_generation_prompt)
-    if image_token_counts is not None and len(image_token_counts) != num_images:
-        raise ImageCountError(
-            f"the conversation has {num_images} {IMAGE_PLACEHOLDER} marker(s) but "
-            f"{len(image_token_counts)} image(s)/token count(s) were given"
-        )
+    num_videos = text.count(VIDEO_PLACEHOLDER)
+    for marker, n, counts, what in ((IMAGE_PLACEHOLDER, num_images, image_token_counts, "image"),
+                                     (VIDEO_PLACEHOLDER, num_videos, video_token_counts, "video")):
+        if counts is not None and len(counts) != n:
+            raise ImageCountError(
+                f"the conversation has {n} {marker} marker(s) but {len(counts)} {what}(s)/token count(s) were given"
+            )
     if not getattr(tokenizer, "is_fast", False):
         raise TokenizerError(
             f"render() needs a fast tokenizer (character offsets), got {type(tokenizer).__name__}"
@@ -275,18 +380,25 @@ def render(
     enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     ids, offsets = list(enc["input_ids"]), enc["offset_mapping"]
     labels = [tid if _inside(off, spans) else IGNORE_INDEX for tid, off in zip(ids, offsets)]
-    if num_images == 0:
+    if num_images == 0 and num_videos == 0:
         return Rendered(ids, labels, text, 0)
 
-    img_id = image_token_id(tokenizer)
-    positions = [i for i, tid in enumerate(ids) if tid == img_id]
-    if len(positions) != num_images:
-        raise TokenizerError(
-            f"{num_images} {IMAGE_PLACEHOLDER} marker(s) in the text became {len(positions)} image token(s) "
-            f"(id {img_id}); the tokenizer must encode {IMAGE_PLACEHOLDER} as one special token"
-        )
-    counts = image_token_counts if image_token_counts is not None else [1] * num_images
-    return Rendered(*_expand_images(ids, labels, positions, counts), text, num_images)
+    counts_by_id = {}
+    for marker, n, counts, token_of in ((IMAGE_PLACEHOLDER, num_images, image_token_counts, image_token_id),
+                                        (VIDEO_PLACEHOLDER, num_videos, video_token_counts, video_token_id)):
+        if not n:
+            continue
+        tid = token_of(tokenizer)
+        found = sum(1 for i in ids if i == tid)
+        if found != n:
+            raise TokenizerError(
+                f"{n} {marker} marker(s) in the text became {found} token(s) (id {tid}); the tokenizer must "
+                f"encode {marker} as one special token"
+            )
+        counts_by_id[tid] = iter(counts if counts is not None else [1] * n)
+    positions = [i for i, tid in enumerate(ids) if tid in counts_by_id]
+    counts = [next(counts_by_id[ids[p]]) for p in positions]
+    return Rendered(*_expand_images(ids, labels, positions, counts), text, num_images, num_videos)
 
 
 def _inside(offset: tuple[int, int], spans: list[tuple[int, int]]) -> bool:
@@ -331,7 +443,8 @@ _JINJA_BODY = """
       {%- if not loop.first -%}{{ PART_SEP }}{%- endif -%}
       {%- if p['type'] == 'text' -%}{{ p['text'] }}
       {%- elif p['type'] in ['image', 'image_url'] -%}{{ IMAGE }}
-      {%- else -%}{{ raise_exception('content part type must be text, image or image_url') }}
+      {%- elif p['type'] in ['video', 'video_url'] -%}{{ VIDEO }}
+      {%- else -%}{{ raise_exception('content part type must be text, image, image_url, video or video_url') }}
       {%- endif -%}
     {%- endfor -%}
   {%- endif -%}
@@ -369,7 +482,7 @@ def to_jinja(template: Template | str) -> str:
     """A Hugging Face chat template (messages, add_generation_prompt) that renders exactly `render(...).text`."""
     t = _resolve(template)
     constants = {
-        "IMAGE": IMAGE_PLACEHOLDER, "PART_SEP": _PART_SEPARATOR, "SYSTEM": t.system, "BOS": t.bos,
+        "IMAGE": IMAGE_PLACEHOLDER, "VIDEO": VIDEO_PLACEHOLDER, "PART_SEP": _PART_SEPARATOR, "SYSTEM": t.system, "BOS": t.bos,
         "SYSTEM_PREFIX": t.system_prefix, "SYSTEM_SUFFIX": t.system_suffix,
         "SYSTEM_IN_FIRST_USER": t.system_in_first_user, "SUPPORTS_SYSTEM": t.supports_system,
         "USER_IMAGES_ONLY": t.user_images_only, "USER_PREFIX": t.user_prefix, "USER_SUFFIX": t.user_suffix,

@@ -25,7 +25,9 @@ from llava.chat import ChatSession, ChatStateError, image_bytes
 from llava.config import LoadOptions
 from llava.images import MAX_IMAGE_BYTES, ImageError
 from llava.templates import ImageCountError
-from serve.common import add_config_args, add_precision_args, config_from_args, fetch_image_url, iter_chunks
+from serve.common import (
+    add_config_args, add_precision_args, config_from_args, fetch_image_url, iter_chunks, parse_lora_module,
+)
 from serve.protocol import ErrorCode, SamplingFields, ServeError
 from serve.serving import ServingModel
 
@@ -47,14 +49,19 @@ class LocalBackend:
         options = config_from_args(LoadOptions, args, quantization=args.quantization, dtype=args.dtype)
         self.serving = ServingModel.load(
             args.model_path, options, names=[args.model_name] if args.model_name else None, max_batch_size=1)
+        self.adapter = None
+        if args.lora:
+            name, path = args.lora
+            self.adapter = self.serving.adapter_for(self.serving.load_adapter(name, path)["name"])
         self.serving.engine.start()
-        self.name = self.serving.names[0]
+        self.name = self.adapter or self.serving.names[0]
 
     def close(self) -> None:
         self.serving.engine.shutdown()  # join the scheduler thread before the interpreter tears torch down
 
     def stream(self, session: ChatSession, fields: SamplingFields) -> Iterator[str]:
         prepared = self.serving.prepare_messages(session.to_messages(), session.images, fields)
+        prepared.adapter = self.adapter
         handle = self.serving.submit(prepared)
         try:
             for ev in handle:
@@ -178,7 +185,9 @@ def structured_arg(args: argparse.Namespace) -> dict | None:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="LLaVA terminal chat")
     p.add_argument("--model-path", default=None, help="load this model in-process (default | folder | hub id)")
-    p.add_argument("--model-name", default=None, help="with --controller-url: which model to ask")
+    p.add_argument("--model-name", default=None, help="with --controller-url: which model (or adapter) to ask")
+    p.add_argument("--lora", type=parse_lora_module, default=None, metavar="NAME=PATH",
+                   help="with --model-path: chat with this LoRA adapter on the model (a PEFT folder)")
     p.add_argument("--controller-url", default=None, help="chat through a controller instead of loading a model")
     p.add_argument("--image-file", action="append", default=[], help="image path or URL for the first message")
     p.add_argument("--system", default=None, help="system prompt (default: the template's own)")

@@ -401,6 +401,20 @@ def add_config_args(p: argparse.ArgumentParser | argparse._ArgumentGroup, cls, *
         p.add_argument(f.metadata.get("flag", "--" + f.name.replace("_", "-")), **kw)
 
 
+def parse_lora_module(spec: str) -> tuple[str, str]:
+    """`name=path` or vLLM's JSON form {"name": ..., "path": ...}."""
+    if spec.lstrip().startswith("{"):
+        try:
+            d = json.loads(spec)
+            return str(d["name"]), str(d["path"])
+        except (ValueError, KeyError, TypeError) as e:
+            raise argparse.ArgumentTypeError(f"--lora-modules {spec!r}: JSON needs name and path ({e})") from None
+    name, sep, path = spec.partition("=")
+    if not sep or not name or not path:
+        raise argparse.ArgumentTypeError(f"--lora-modules {spec!r}: expected NAME=PATH")
+    return name, path
+
+
 def server_parser(description: str, port: int, config_cls) -> argparse.ArgumentParser:
     """A serve process's command line: --host (loopback by default), --port and one flag per `config_cls` field."""
     p = argparse.ArgumentParser(description=description)

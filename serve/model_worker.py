@@ -40,8 +40,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import json
 import logging
+import os
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
@@ -60,7 +60,7 @@ from pydantic import BaseModel
 from serve.common import (
     AUTH_TOKEN_HELP, DEFAULT_MAX_BODY_BYTES, STREAM_MEDIA_TYPE, add_config_args, add_engine_args, add_precision_args,
     auth_headers, check_token, config_from_args, decode_image_payload, encode_chunk, engine_config_from_args,
-    error_response, parse_body, resolve_token, server_parser, setup_logging,
+    error_response, parse_body, parse_lora_module, resolve_token, server_parser, setup_logging,
 )
 from serve.protocol import (
     DEFAULT_CONTROLLER_URL, ErrorCode, GenerateMessagesRequest, GenerateStreamRequest, ServeError, Usage, image_ref,
@@ -76,8 +76,8 @@ logger = setup_logging("serve.model_worker")
 class WorkerConfig:
     """The worker's settings; its command line is generated from these fields (`build_parser`)."""
 
-    model_path: str = field(metadata={"help": "default | HF folder/hub id | original | projector/LoRA folder",
-                                      "required": True})
+    model_path: str | None = field(default=None, metadata={
+        "help": "default | HF folder/hub id | original | projector/LoRA folder (required with --backend local)"})
     model_name: str | None = field(default=None, metadata={"help": "name clients ask for (default: the folder name)"})
     load: LoadOptions = field(default_factory=lambda: LoadOptions(quantization="auto"), metadata={"cli": False})
     worker_address: str | None = field(default=None, metadata={
@@ -95,23 +95,23 @@ class WorkerConfig:
     warm_up: bool = field(default=True, metadata={"help": "run one request before registering"})
     lora_modules: list[tuple[str, str]] = field(default_factory=list, metadata={"cli": False})  # (name, path)
     auth_token: str | None = field(default=None, metadata={"help": AUTH_TOKEN_HELP})
+    backend: str = field(default="local", metadata={
+        "choices": ("local", "openai"),
+        "help": "local: load --model-path here; openai: forward to an OpenAI-compatible engine server (--upstream)"})
+    upstream: str | None = field(default=None, metadata={
+        "help": "with --backend openai: the engine server's base URL (vLLM, SGLang, llama.cpp server, Ollama, ...)"})
+    upstream_model: str | None = field(default=None, metadata={"help": "with --backend openai: its model name"})
+    upstream_api_key: str | None = field(default=None, metadata={
+        "help": "with --backend openai: the engine server's API key (default: $LLAVA_UPSTREAM_API_KEY)"})
 
     def __post_init__(self) -> None:
         self.auth_token = resolve_token(self.auth_token)
-
-
-def parse_lora_module(spec: str) -> tuple[str, str]:
-    """`name=path` or vLLM's JSON form {"name": ..., "path": ...}."""
-    if spec.lstrip().startswith("{"):
-        try:
-            d = json.loads(spec)
-            return str(d["name"]), str(d["path"])
-        except (ValueError, KeyError, TypeError) as e:
-            raise argparse.ArgumentTypeError(f"--lora-modules {spec!r}: JSON needs name and path ({e})") from None
-    name, sep, path = spec.partition("=")
-    if not sep or not name or not path:
-        raise argparse.ArgumentTypeError(f"--lora-modules {spec!r}: expected NAME=PATH")
-    return name, path
+        if self.backend == "openai":
+            if not self.upstream or not self.upstream_model:
+                raise ValueError("--backend openai needs --upstream URL and --upstream-model NAME")
+            self.upstream_api_key = self.upstream_api_key or os.environ.get("LLAVA_UPSTREAM_API_KEY") or None
+        elif not self.model_path:
+            raise ValueError("--model-path is required (or --backend openai --upstream URL --upstream-model NAME)")
 
 
 class LoadAdapterBody(BaseModel):
@@ -182,8 +182,15 @@ async def register(state: WorkerState) -> None:
 async def heart_beat_loop(state: WorkerState) -> None:
     """Register, then heartbeat; re-register when the controller forgets us or comes back after being down."""
     registered = False
+    ready = getattr(state, "ready", None)  # an upstream-backed worker answers only while its upstream does
     while True:
         try:
+            if ready is not None and not await ready():
+                if registered:
+                    logger.warning("upstream unavailable: heartbeats paused until it answers again")
+                registered = False
+                await asyncio.sleep(state.config.heart_beat_interval)
+                continue
             if registered:
                 r = await state.client.post(state.config.controller_address + "/receive_heart_beat", json={
                     "worker_name": state.config.worker_address, "queue_length": state.in_flight,
@@ -422,12 +429,25 @@ def worker_config_from_args(args: argparse.Namespace) -> WorkerConfig:
     )
 
 
+def create_upstream_worker_app(config: WorkerConfig) -> FastAPI:
+    from serve.upstream import Upstream, UpstreamWorker, create_upstream_app
+
+    backend = UpstreamWorker(
+        Upstream(config.upstream, config.upstream_model, config.upstream_api_key),
+        names=[config.model_name or config.upstream_model], template=config.load.template,
+        max_body_bytes=config.max_body_bytes, max_image_bytes=config.limits.max_bytes,
+        max_images=config.limits.max_images)
+    return create_upstream_app(config, backend)
+
+
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     if args.num_threads:
         torch.set_num_threads(args.num_threads)
     logging.getLogger("httpx").setLevel(logging.WARNING)
-    uvicorn.run(create_app(worker_config_from_args(args)), host=args.host, port=args.port, log_level="warning")
+    config = worker_config_from_args(args)
+    app = create_upstream_worker_app(config) if config.backend == "openai" else create_app(config)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
 
 
 if __name__ == "__main__":
