@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from transformers import LlavaOnevisionConfig
 from transformers.utils import cached_file
 
 from llava.config import LlavaMeta
@@ -19,7 +20,7 @@ from llava.images import CLIP_MEAN, CLIP_STD, ImageProcessing
 from llava.templates import Template, TemplateError, get_template
 from llava.zoo import get_entry
 
-HF_LLAVA_TYPES = ("llava", "llava_next", "llava_variant")
+HF_LLAVA_TYPES = ("llava", "llava_next", "llava_variant", "llava_onevision")
 
 
 class LoadError(ValueError):
@@ -63,8 +64,17 @@ def image_processing_from_hf(path: str, config: dict) -> ImageProcessing:
     size = vision.get("image_size", 336)
     strategy = config.get("vision_feature_select_strategy", "default")
     prefix = 0 if vision.get("model_type") == "siglip_vision_model" else 1
-    if config.get("model_type") == "llava_next":
+    anyres_max = None
+    if config.get("model_type") == "llava_onevision":
         mode = "anyres"
+        aspect = config.get("vision_aspect_ratio") or "anyres_max_9"
+        if not aspect.startswith("anyres_max_"):
+            raise LoadError(f"{path}: vision_aspect_ratio {aspect!r} is not anyres_max_N")
+        anyres_max = int(aspect.removeprefix("anyres_max_"))
+    elif config.get("model_type") == "llava_next":
+        mode = "anyres"
+    elif "siglip" in str(pre.get("image_processor_type", "")).lower():
+        mode = "resize"  # SigLIP's processor resizes to the square, no crop (LLaVA-NeXT-Interleave)
     elif pre.get("do_pad"):
         mode = "pad"
     elif pre.get("do_center_crop", True):
@@ -72,12 +82,15 @@ def image_processing_from_hf(path: str, config: dict) -> ImageProcessing:
     else:
         mode = "resize"
     pinpoints = config.get("image_grid_pinpoints")
+    if anyres_max is not None and not pinpoints:
+        pinpoints = LlavaOnevisionConfig().image_grid_pinpoints  # transformers' default, as its config would load
     return ImageProcessing(
         mode=mode, size=size, patch_size=vision.get("patch_size", 14),
         mean=tuple(pre.get("image_mean", CLIP_MEAN)),
         std=tuple(pre.get("image_std", CLIP_STD)),
         num_prefix_tokens=prefix, keep_cls=strategy == "full" and prefix > 0,
         grid_pinpoints=tuple(tuple(p) for p in pinpoints) if pinpoints and mode == "anyres" else None,
+        anyres_max=anyres_max,
     )
 
 

@@ -11,7 +11,9 @@ Promises:
   step), then advances every running request by one token. Finished or cancelled requests leave at once.
 - Newcomers' images that are not cached are encoded together, once per `ProcessedImage.key` (LRU bounded in bytes),
   and scattered into the prompt's `<image>` positions; a feature/token count mismatch fails that request with a
-  message naming both.
+  message naming both. Any number of images per request; on a model with a video token (LLaVA-OneVision) videos
+  too (`GenerationRequest.videos`): each frame's pooled features are cached by the frame's key, and a video's
+  `<video>` run is its frames' features then the model's newline.
 - A new request whose ids and images extend those of a finished request (kept in an LRU bounded in tokens) or of a
   request still running starts from that request's KV and prefills only the rest. Greedy output with reuse equals
   output without (exactly in float32; within the quantized kernels' rounding otherwise).
@@ -34,12 +36,12 @@ import torch
 
 from llava.config import RUNNERS, EngineConfig
 from llava.hf_runner import TransformersRunner
-from llava.images import ProcessedImage
+from llava.images import ProcessedImage, ProcessedVideo
 from llava.kvcache import ImageFeatureCache, ImageRun, PrefixCache, common_prefix, images_agree
 from llava.requests import (
     CacheStats, EngineError, EngineShutDownError, EngineStats, FinishReason, GenerationEvent, GenerationRequest,
     GenerationResult, ImageFeatureMismatchError, InvalidRequestError, PromptTooLongError, RequestHandle,
-    UnknownAdapterError, UnsupportedModelError, check_ids, check_images,
+    UnknownAdapterError, UnsupportedModelError, check_ids, check_media,
 )
 from llava.runner import Chunk, LlamaRunner
 from llava.sampling import (
@@ -69,7 +71,7 @@ class _Sequence:
     handle: RequestHandle
     request: GenerationRequest
     prompt: list[int]  # the request's ids, validated
-    images: list  # the request's images, in prompt order
+    images: list  # the request's images and videos, in prompt order (one per image run)
     max_new_tokens: int
     reserve: int  # tokens this request may hold at most (prompt + max_new_tokens)
     image_runs: list[ImageRun]
@@ -142,7 +144,10 @@ class Engine:
         vision_params = [p for p in self._mm.vision_tower.parameters() if p.is_floating_point()]
         self._vision_dtype = vision_params[0].dtype if vision_params else self.dtype
         self._anyres = hasattr(self._mm, "pack_image_features")
+        self._onevision = hasattr(self._mm, "apply_pooling")  # base views + newline; pooled video frames
         self.image_token_id = int(model.config.image_token_id)
+        video_id = getattr(model.config, "video_token_id", None)
+        self.video_token_id = None if video_id is None else int(video_id)
         self.context_length = int(context_length or text_config.max_position_embeddings)
         # lm_head may be padded past the tokenizer's vocabulary; those ids (and <image>) are never generated
         head = model.get_output_embeddings()
@@ -312,11 +317,11 @@ class Engine:
                 if adapter is None:
                     raise UnknownAdapterError(f"unknown adapter {request.adapter!r}; loaded: {sorted(self._adapters)}")
         ids = check_ids(request.input_ids, self._embed.num_embeddings)
-        image_runs = check_images(ids, request.images, self.image_token_id, self._anyres)
+        media, image_runs = check_media(ids, request.images, request.videos, self.image_token_id,
+                                        self.video_token_id, self._anyres)
         n = len(ids)
         if n >= self.context_length:
-            image_tokens = sum(r.num_tokens for r in image_runs)
-            raise PromptTooLongError(n, image_tokens, len(image_runs), self.context_length)
+            raise self._too_long(n, media, image_runs)
         params = request.sampling
         max_new = min(params.max_new_tokens, self.context_length - n)
         stop_ids = set(params.stop_token_ids) | (set() if params.ignore_eos else set(self.eos_token_ids))
@@ -332,16 +337,29 @@ class Engine:
             handle=RequestHandle(request.request_id, self._wake),
             request=request,
             prompt=ids,
-            images=list(request.images),
+            images=media,
             max_new_tokens=max_new,
             reserve=n + max_new,
             image_runs=image_runs,
             stop_ids=frozenset(stop_ids),
-            sampler=RowSampler(params, make_generator(params), seen=set(ids) - {self.image_token_id}),
+            sampler=RowSampler(params, make_generator(params), seen=set(ids) - {self.image_token_id, self.video_token_id}),
             detok=IncrementalDetokenizer(self.tokenizer),
             stops=StopStringMatcher(params.stop),
             submitted_at=time.perf_counter(),
         )
+
+    def _too_long(self, n: int, media: list, runs: list[ImageRun]) -> PromptTooLongError:
+        """The error naming each image's and video's tokens and, with videos, how many frames of the longest would
+        fit (the prompt must leave one position to generate)."""
+        items = [("video" if isinstance(m, ProcessedVideo) else "image", r.num_tokens,
+                  m.num_frames if isinstance(m, ProcessedVideo) else None) for m, r in zip(media, runs)]
+        videos = [m for m in media if isinstance(m, ProcessedVideo)]
+        fit = None
+        if videos:
+            longest = max(videos, key=lambda v: v.num_tokens)
+            room = self.context_length - 1 - (n - longest.num_tokens) - 1  # - the newline after the frames
+            fit = max(0, min(longest.num_frames - 1, room // longest.tokens_per_frame))
+        return PromptTooLongError(n, sum(r.num_tokens for r in runs), len(runs), self.context_length, items, fit)
 
     def _guide_for_constraints(self) -> Guide:
         with self._guide_lock:  # not the scheduler's lock: building the token table takes about a second
@@ -535,13 +553,21 @@ class Engine:
                 self._retire(seq)
 
     def _image_features(self, plan) -> dict[str, torch.Tensor]:
-        """Features of the images inside the planned spans, by key: cached ones looked up, the others encoded
-        together (one vision forward per pixel shape) and cached."""
+        """Features of the images and videos inside the planned spans, by key: cached ones looked up, the others
+        encoded together (one vision forward per pixel shape; video frames in one forward) and cached."""
         found: dict[str, torch.Tensor] = {}
         todo: dict[str, object] = {}
+        videos: dict[str, ProcessedVideo] = {}
+        frames: dict[str, torch.Tensor | None] = {}  # frame key -> cached features, None: to encode
         for seq, start, end in plan:
             for im, run in zip(seq.images, seq.image_runs):
                 if run.start >= end or run.start + run.num_tokens <= start or run.key in found or run.key in todo:
+                    continue
+                if isinstance(im, ProcessedVideo):
+                    videos[run.key] = im
+                    for fk in im.frame_keys:
+                        if fk not in frames:
+                            frames[fk] = self._image_cache.get(fk)
                     continue
                 if im.features is not None:  # sent by id: its features were looked up when it was submitted
                     found[run.key] = im.features.to(self.device, self.dtype)
@@ -558,11 +584,44 @@ class Engine:
             for (key, _), feats in zip(group, self._vision_forward([im for _, im in group])):
                 found[key] = feats
                 self._image_cache.put(key, feats)
+        if videos:
+            self._video_features(videos, frames, found)
         return found
+
+    def _video_features(self, videos: dict[str, ProcessedVideo], frames: dict, found: dict) -> None:
+        """Encode the frames not cached (one forward), cache them, and assemble each video's run into `found`."""
+        pixels: dict[str, torch.Tensor] = {}
+        for v in videos.values():
+            for fk, pv in zip(v.frame_keys, v.pixel_values):
+                if frames[fk] is None:
+                    pixels.setdefault(fk, pv)
+        if pixels:
+            pv = torch.stack(list(pixels.values())).to(self.device, self._vision_dtype)
+            pooled = self._mm.apply_pooling(self._project(pv)).to(self.dtype)  # [F, tokens_per_frame, hidden]
+            for fk, feats in zip(pixels, pooled):
+                frames[fk] = feats
+                self._image_cache.put(fk, feats)
+        newline = self._mm.image_newline.to(self.dtype)[None]
+        for key, v in videos.items():
+            found[key] = torch.cat([frames[fk] for fk in v.frame_keys] + [newline])
+
+    def _project(self, pv: torch.Tensor) -> torch.Tensor:
+        """Projected features of base views pv [n, 3, S, S] -> [n, tokens, hidden]: the configured vision layer(s)
+        and select strategy, then the projector (as the model's get_image_features before any packing)."""
+        cfg = self.model.config
+        hidden = self._mm.vision_tower(pv, output_hidden_states=True, return_dict=True).hidden_states
+        layer = cfg.vision_feature_layer
+        hs = hidden[layer] if isinstance(layer, int) else torch.cat([hidden[i] for i in layer], dim=-1)
+        if cfg.vision_feature_select_strategy == "default":
+            hs = hs[:, 1:]
+        return self._mm.multi_modal_projector(hs)
 
     def _vision_forward(self, images: list) -> list[torch.Tensor]:
         """Projected features [num_tokens, hidden] of images sharing one pixel shape, in one forward."""
         pv = torch.stack([im.pixel_values for im in images]).to(self.device, self._vision_dtype)
+        if self._onevision and pv.shape[1] == 1:  # one of several images: the base view, then the newline
+            newline = self._mm.image_newline[None]
+            return [torch.cat([f, newline]).to(self.dtype) for f in self._project(pv[:, 0])]
         if self._anyres:  # pv [n, n_views, 3, S, S]
             sizes = torch.tensor([list(im.image_size) for im in images], device=self.device)
             out = self._mm.get_image_features(pixel_values=pv, image_sizes=sizes, return_dict=True)
@@ -583,11 +642,13 @@ class Engine:
             feats = features[run.key]
             if feats.shape[0] != run.num_tokens:
                 raise ImageFeatureMismatchError(
-                    f"image {run.key!r} was given {run.num_tokens} prompt tokens but the vision encoder + projector "
-                    f"produce {feats.shape[0]} features for it; its num_tokens does not match this model"
+                    f"image/video {run.key!r} was given {run.num_tokens} prompt tokens but the vision encoder + "
+                    f"projector produce {feats.shape[0]} features for it; its num_tokens does not match this model"
                 )
             parts.append(feats[lo - run.start : hi - run.start])
         is_image = ids == self.image_token_id
+        if self.video_token_id is not None:
+            is_image |= ids == self.video_token_id
         n_image = int(is_image.sum())
         if n_image:
             feats = torch.cat(parts) if parts else embeds.new_zeros(0, embeds.shape[-1])

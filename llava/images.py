@@ -8,7 +8,11 @@ Promises:
 - `preprocess` turns an image into the vision encoder's input for one `ImageProcessing` and says exactly how many
   `<image>` tokens it needs (`num_image_tokens`), so the prompt can be expanded before the features exist.
   anyres matches transformers' LlavaNext (its image processor produces the views; our count is checked against
-  `LlavaNextProcessor` and `LlavaNextForConditionalGeneration` in tests).
+  `LlavaNextProcessor` and `LlavaNextForConditionalGeneration` in tests). `anyres_max` is LLaVA-OneVision's
+  anyres_max_N (pixels from transformers' `LlavaOnevisionImageProcessorPil`; features downsized to about N tiles);
+  with several images in one request each image is one base view (`preprocess(..., multi=True)`), as there.
+- `preprocess_video` turns decoded frames into a `ProcessedVideo` for models with a video token (LLaVA-OneVision:
+  each frame resized to the base view, its features pooled 2x2, one newline after the last frame).
 - `content_hash` / `ProcessedImage.key` identify decoded pixels (+ processing), so equal images share a cache entry
   whatever file format carried them.
 """
@@ -20,6 +24,7 @@ import functools
 import hashlib
 import io
 import json
+import math
 import os
 import struct
 import urllib.parse
@@ -29,7 +34,7 @@ from typing import Literal, get_args
 import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
-from transformers import LlavaNextImageProcessorPil
+from transformers import LlavaNextImageProcessorPil, LlavaOnevisionImageProcessorPil
 from transformers.image_processing_utils import select_best_resolution as _hf_select_best_resolution
 
 from llava.config import MODES  # noqa: F401  (re-exported; image modes are named once, in llava.config)
@@ -71,13 +76,17 @@ class ImageProcessing:
     num_prefix_tokens: int = 1  # CLS tokens the encoder emits (CLIP/DINOv2: 1, SigLIP: 0)
     keep_cls: bool = False  # vision_feature_select_strategy "full" (True) vs "default" (False: drop CLS)
     grid_pinpoints: tuple[tuple[int, int], ...] | None = None  # anyres only, (h, w) pairs
+    # LLaVA-OneVision's anyres_max_N (anyres only): tile features above ~N tiles are downsized, a newline ends each
+    # row; several images in one request are one padded base view each (+ a newline)
+    anyres_max: int | None = None
 
     def __post_init__(self) -> None:
         if self.mode not in get_args(Mode):
             raise ProcessingConfigError(f"unknown mode {self.mode!r}; valid modes: {', '.join(get_args(Mode))}")
-        if self.size <= 0 or self.patch_size <= 0 or self.size % self.patch_size:
+        # the patch grid is size // patch_size per side, as the encoder's strided conv floors it (SigLIP: 384 / 14)
+        if self.patch_size <= 0 or self.size < self.patch_size:
             raise ProcessingConfigError(
-                f"size {self.size} must be a positive multiple of patch_size {self.patch_size}"
+                f"size {self.size} must be at least patch_size {self.patch_size} (and patch_size positive)"
             )
         if len(self.mean) != 3 or len(self.std) != 3 or min(self.std) <= 0:
             raise ProcessingConfigError(f"mean/std need 3 channels and std > 0, got {self.mean} / {self.std}")
@@ -85,8 +94,10 @@ class ImageProcessing:
             raise ProcessingConfigError(f"num_prefix_tokens must be >= 0, got {self.num_prefix_tokens}")
         if self.mode == "anyres":
             self._check_anyres()
-        elif self.grid_pinpoints is not None:
-            raise ProcessingConfigError(f"grid_pinpoints are only used by mode 'anyres', not {self.mode!r}")
+        elif self.grid_pinpoints is not None or self.anyres_max is not None:
+            raise ProcessingConfigError(f"grid_pinpoints / anyres_max are only used by mode 'anyres', not {self.mode!r}")
+        if self.anyres_max is not None and self.anyres_max < 1:
+            raise ProcessingConfigError(f"anyres_max must be >= 1, got {self.anyres_max}")
 
     def _check_anyres(self) -> None:
         if not self.grid_pinpoints:
@@ -100,6 +111,8 @@ class ImageProcessing:
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
+        if d["anyres_max"] is None:
+            del d["anyres_max"]  # absent in checkpoints and cache keys written before it existed
         d["mean"], d["std"] = list(self.mean), list(self.std)
         d["grid_pinpoints"] = None if self.grid_pinpoints is None else [list(p) for p in self.grid_pinpoints]
         return d
@@ -132,6 +145,22 @@ class ProcessedImage:
     # projected features [num_tokens, hidden] when already known (an image sent by id, see Engine.cached_image):
     # the engine uses them instead of running the vision tower, and pixel_values may be None
     features: torch.Tensor | None = None
+
+
+@dataclass
+class ProcessedVideo:
+    """Frames of one video for a model with a video token (LLaVA-OneVision). Each frame's features are cached by
+    its own key; the video's run of `<video>` tokens is the frames' pooled features in order, then one newline."""
+
+    pixel_values: torch.Tensor  # float32 [n_frames, 3, S, S]
+    frame_keys: tuple[str, ...]  # per frame: content hash + processing (URL-safe)
+    tokens_per_frame: int
+    num_tokens: int  # n_frames * tokens_per_frame + 1 (the newline)
+    key: str  # hash of the frame keys
+
+    @property
+    def num_frames(self) -> int:
+        return len(self.frame_keys)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -249,16 +278,29 @@ def select_best_resolution(image_size: tuple[int, int], pinpoints) -> tuple[int,
     return int(h), int(w)
 
 
-def num_image_tokens(proc: ImageProcessing, image_size: tuple[int, int]) -> int:
-    """How many `<image>` tokens an image of original (height, width) `image_size` needs under `proc`."""
+def num_image_tokens(proc: ImageProcessing, image_size: tuple[int, int], multi: bool = False) -> int:
+    """How many `<image>` tokens an image of original (height, width) `image_size` needs under `proc`; `multi`:
+    one of several images in a request (OneVision gives each one base view + a newline)."""
     side = proc.size // proc.patch_size
     base = side * side + (proc.num_prefix_tokens if proc.keep_cls else 0)
     if proc.mode != "anyres":
         return base
+    if multi and proc.anyres_max is not None:
+        return base + 1
     best_h, best_w = select_best_resolution(image_size, proc.grid_pinpoints)
     # Feature grid of all tiles together, in patches; then the padded border is cut away ("spatial_unpad").
     rows, cols = _unpadded_grid(image_size, side * best_h // proc.size, side * best_w // proc.size)
+    if proc.anyres_max is not None:  # OneVision: a grid of more than ~anyres_max tiles is downsized (bilinear)
+        ratio = math.sqrt(rows * cols / (proc.anyres_max * side * side))
+        if ratio > 1.1:
+            rows, cols = int(rows // ratio), int(cols // ratio)
     return base + rows * cols + rows  # + one image_newline per row
+
+
+def video_frame_tokens(proc: ImageProcessing) -> int:
+    """Feature tokens of one video frame on a model with a video token: the base grid pooled 2x2 (rounded up)."""
+    pooled = math.ceil(proc.size // proc.patch_size / 2)
+    return pooled * pooled
 
 
 def _unpadded_grid(image_size: tuple[int, int], grid_h: int, grid_w: int) -> tuple[int, int]:
@@ -271,10 +313,14 @@ def _unpadded_grid(image_size: tuple[int, int], grid_h: int, grid_w: int) -> tup
     return grid_h, grid_w - 2 * ((grid_w - new_w) // 2)
 
 
-def preprocess(image: Image.Image, proc: ImageProcessing) -> ProcessedImage:
-    """Encoder input for `image` (normally from `load_image`) under `proc`, with its token count and cache key."""
+def preprocess(image: Image.Image, proc: ImageProcessing, multi: bool = False) -> ProcessedImage:
+    """Encoder input for `image` (normally from `load_image`) under `proc`, with its token count and cache key.
+    `multi`: the image is one of several in its request (OneVision: one padded base view, [1, 3, S, S])."""
     image = _to_rgb(image)
-    if proc.mode == "anyres":
+    multi = multi and proc.anyres_max is not None
+    if multi:
+        pixel_values = _normalize(_pad(image, proc.size, proc), proc)[None]
+    elif proc.mode == "anyres":
         pixel_values = _anyres(image, proc)
     else:
         pixel_values = _normalize(_SQUARE_MODES[proc.mode](image, proc.size, proc), proc)
@@ -282,9 +328,21 @@ def preprocess(image: Image.Image, proc: ImageProcessing) -> ProcessedImage:
     return ProcessedImage(
         pixel_values=pixel_values,
         image_size=size,
-        num_tokens=num_image_tokens(proc, size),
-        key=f"{content_hash(image)}.{proc.key()}",
+        num_tokens=num_image_tokens(proc, size, multi),
+        key=f"{content_hash(image)}.{proc.key()}" + (".multi" if multi else ""),
     )
+
+
+def preprocess_video(frames: list[Image.Image], proc: ImageProcessing) -> ProcessedVideo:
+    """Frames (decoded, RGB) of one video for a model with a video token: each resized to the base view."""
+    if not frames:
+        raise ImageError("a video needs at least one frame")
+    frames = [_to_rgb(f) for f in frames]
+    pixel_values = torch.stack([_normalize(_resize(f, proc.size, proc), proc) for f in frames])
+    keys = tuple(f"{content_hash(f)}.{proc.key()}.frame" for f in frames)
+    per_frame = video_frame_tokens(proc)
+    digest = hashlib.sha256("|".join(keys).encode()).hexdigest()
+    return ProcessedVideo(pixel_values, keys, per_frame, len(frames) * per_frame + 1, f"{digest}.video")
 
 
 def _pad(image: Image.Image, size: int, proc: ImageProcessing) -> Image.Image:
@@ -324,7 +382,8 @@ def _normalize(image: Image.Image, proc: ImageProcessing) -> torch.Tensor:
 
 
 def _anyres(image: Image.Image, proc: ImageProcessing) -> torch.Tensor:
-    out = _anyres_processor(proc)(image, return_tensors="np")
+    processor = _onevision_processor(proc) if proc.anyres_max is not None else _anyres_processor(proc)
+    out = processor(image, return_tensors="np")
     return torch.from_numpy(out["pixel_values"][0]).to(torch.float32)  # [n_views, 3, S, S]
 
 
@@ -335,6 +394,18 @@ def _anyres_processor(proc: ImageProcessing) -> LlavaNextImageProcessorPil:
     return LlavaNextImageProcessorPil(
         size={"shortest_edge": proc.size},
         crop_size={"height": proc.size, "width": proc.size},
+        image_grid_pinpoints=[list(p) for p in proc.grid_pinpoints],
+        image_mean=list(proc.mean),
+        image_std=list(proc.std),
+        resample=Image.Resampling.BICUBIC,
+    )
+
+
+@functools.lru_cache(maxsize=8)
+def _onevision_processor(proc: ImageProcessing) -> LlavaOnevisionImageProcessorPil:
+    """transformers' LlavaOnevision processor from `proc`: base view resized to S x S, then the best pinpoint's tiles."""
+    return LlavaOnevisionImageProcessorPil(
+        size={"height": proc.size, "width": proc.size},
         image_grid_pinpoints=[list(p) for p in proc.grid_pinpoints],
         image_mean=list(proc.mean),
         image_std=list(proc.std),

@@ -2,7 +2,8 @@
 
 Accepted `path`s (resolved by `llava.convert.resolve_path`):
 - `default`: the embedded default model (DINOv2-small + SmolLM2-135M-Instruct + trained pieces in assets/).
-- an HF llava / llava_next / llava_variant folder or hub id (llava-hf/...).
+- an HF llava / llava_next / llava_variant / llava_onevision folder or hub id (llava-hf/..., incl. LLaVA-OneVision
+  and LLaVA-NeXT-Interleave, a plain llava with a SigLIP tower and Qwen2).
 - an original LLaVA (liuhaotian-format) checkpoint: converted once into an HF folder in the cache.
 - a projector-only folder (mm_projector.*) or a LoRA adapter folder, with `model_base`.
 Weights are read from safetensors, or from .bin only through torch.load(weights_only=True). No trust_remote_code.
@@ -27,14 +28,27 @@ from llava.config import META_KEY, LlavaMeta, LoadOptions
 from llava.convert import resolve_path
 from llava.hardware import resolve_dtype
 from llava.quant import QUANTIZATIONS, QuantizationError, quantize_llm
-from llava.images import ImageProcessing, ProcessedImage, load_image, preprocess
-from llava.templates import Rendered, Template, render
+from llava.images import ImageProcessing, ProcessedImage, ProcessedVideo, load_image, preprocess, preprocess_video
+from llava.templates import Rendered, Template, media_order, normalize_messages, render, videos_as_images
 
 QUANT_SKIP = ["model.vision_tower", "model.multi_modal_projector", "lm_head"]
 BNB_QUANTIZATIONS = ("8bit", "4bit")
 ALL_QUANTIZATIONS = ("auto", "none", *QUANTIZATIONS, *BNB_QUANTIZATIONS)
 
 logger = logging.getLogger(__name__)
+
+
+@dataclass
+class Prompt:
+    """A rendered conversation and its media in prompt order, as the engine takes them."""
+
+    rendered: Rendered
+    images: list[ProcessedImage]  # with a video's frames when the model reads frames as images
+    videos: list[ProcessedVideo]  # models with a video token only
+
+    @property
+    def input_ids(self) -> list[int]:
+        return self.rendered.input_ids
 
 
 @dataclass
@@ -57,6 +71,17 @@ class LoadedModel:
         return self.model.config.image_token_id
 
     @property
+    def video_token_id(self) -> int | None:
+        """The video token of models that have one (LLaVA-OneVision); None: videos are read as frames (images)."""
+        return getattr(self.model.config, "video_token_id", None)
+
+    @property
+    def default_max_frames(self) -> int:
+        """Frames sampled from a video when the caller does not say: 32 for OneVision (what it was trained with
+        as 196-token frames), 16 for a model that reads frames as images (each frame costs a full image)."""
+        return 32 if self.video_token_id is not None else 16
+
+    @property
     def context_length(self) -> int:
         return int(self.model.config.text_config.max_position_embeddings)
 
@@ -71,15 +96,40 @@ class LoadedModel:
             if "anyres" in (image_mode, proc.mode):
                 raise LoadError(f"image mode {image_mode!r} cannot be used with a {proc.mode!r} model")
             proc = ImageProcessing.from_dict({**proc.to_dict(), "mode": image_mode})
-        return [preprocess(load_image(im), proc) for im in images]
+        # OneVision reads a lone image at high resolution, each of several at the base view (as its processor)
+        multi = len(images) > 1
+        return [preprocess(load_image(im), proc, multi) for im in images]
+
+    def process_video(self, frames: Sequence) -> ProcessedVideo | list[ProcessedImage]:
+        """Decoded frames (`llava.video.decode_video`) as the model reads a video: a `ProcessedVideo` for a model
+        with a video token, else each frame as an image under the model's own image processing."""
+        frames = [load_image(f) for f in frames]
+        if self.video_token_id is not None:
+            return preprocess_video(frames, self.image_processing)
+        return [preprocess(f, self.image_processing) for f in frames]
 
     def render(self, messages, images: Sequence[ProcessedImage] = (), add_generation_prompt: bool = True) -> Rendered:
         """The one renderer, with `<image>` expanded to each image's feature-token count."""
-        return render(
+        return self.prompt(messages, images, add_generation_prompt=add_generation_prompt).rendered
+
+    def prompt(self, messages, images: Sequence[ProcessedImage] = (), videos: Sequence = (),
+               add_generation_prompt: bool = True) -> Prompt:
+        """Render with images and videos (from `process_video`) in the order of their markers."""
+        videos = list(videos)
+        if videos and self.video_token_id is None:  # frames read as images: <video> becomes one <image> per frame
+            order = media_order("".join(m["content"] for m in normalize_messages(messages)))
+            messages = videos_as_images(messages, [len(v) for v in videos])
+            if order.count("image") == len(images):
+                its, itv = iter(images), iter(videos)
+                images = [im for kind in order for im in ([next(its)] if kind == "image" else next(itv))]
+            videos = []
+        rendered = render(
             messages, self.template, self.tokenizer,
             image_token_counts=[im.num_tokens for im in images],
+            video_token_counts=[v.num_tokens for v in videos],
             add_generation_prompt=add_generation_prompt,
         )
+        return Prompt(rendered, list(images), videos)
 
 
 def quantization_config(quantization: str | None, compute_dtype: torch.dtype):
@@ -156,6 +206,10 @@ def load_model(path: str, options: LoadOptions | None = None, **overrides: Any) 
             f"{path}: tokenizer image token id {getattr(tokenizer, 'image_token_id', None)} != model image_token_id "
             f"{model.config.image_token_id}"
         )
+    video_id = getattr(model.config, "video_token_id", None)
+    if video_id is not None and tokenizer.convert_tokens_to_ids("<video>") != video_id:
+        raise LoadError(f"{path}: tokenizer <video> id {tokenizer.convert_tokens_to_ids('<video>')} != model "
+                        f"video_token_id {video_id}")
     report = {}
     if quantization in QUANTIZATIONS:
         try:

@@ -23,7 +23,7 @@ from llava.kvcache import ImageRun
 from llava.sampling import SamplingParams, TokenLogprob
 
 if TYPE_CHECKING:
-    from llava.images import ProcessedImage
+    from llava.images import ProcessedImage, ProcessedVideo
 
 FinishReason = Literal["stop", "length", "cancelled", "error"]
 
@@ -40,14 +40,33 @@ class InvalidRequestError(EngineError, ValueError):
 
 
 class PromptTooLongError(InvalidRequestError):
-    """The prompt alone fills the model's context; the counts are attributes and in the message."""
+    """The prompt alone fills the model's context; the counts are attributes and in the message.
 
-    def __init__(self, prompt_tokens: int, image_tokens: int, num_images: int, context_length: int):
+    `items`: (kind "image" / "video", tokens, frames or None) per image and video in prompt order; `frames_that_fit`:
+    for a prompt with videos, the most frames of its longest video with which it would fit (0: none)."""
+
+    def __init__(self, prompt_tokens: int, image_tokens: int, num_images: int, context_length: int,
+                 items: Sequence[tuple[str, int, int | None]] = (), frames_that_fit: int | None = None):
         self.prompt_tokens, self.image_tokens, self.context_length = prompt_tokens, image_tokens, context_length
+        self.items, self.frames_that_fit = list(items), frames_that_fit
+        detail = f"{image_tokens} of them image tokens from {num_images} image(s), {prompt_tokens - image_tokens} text"
+        if self.items:
+            seen = {"image": 0, "video": 0}
+            parts = []
+            for kind, tokens, frames in self.items:
+                seen[kind] += 1
+                parts.append(f"{kind} {seen[kind]}: {tokens}" + (f" ({frames} frames)" if frames else ""))
+            videos = seen["video"]
+            detail = (f"{image_tokens} of them {'image/video' if videos else 'image'} tokens from {seen['image']} image(s)"
+                      + (f" and {videos} video(s)" if videos else "") + f" [{', '.join(parts)}], "
+                      f"{prompt_tokens - image_tokens} text")
+        advice = "shorten the conversation or send fewer/smaller images"
+        if frames_that_fit is not None:
+            advice = (f"the video would fit with at most {frames_that_fit} frames" if frames_that_fit > 0 else
+                      "it does not fit even with one frame of the video") + "; " + advice
         super().__init__(
-            f"prompt has {prompt_tokens} tokens ({image_tokens} of them image tokens from {num_images} image(s), "
-            f"{prompt_tokens - image_tokens} text) but the model's context is {context_length} tokens, leaving no "
-            f"room to generate; shorten the conversation or send fewer/smaller images"
+            f"prompt has {prompt_tokens} tokens ({detail}) but the model's context is {context_length} tokens, "
+            f"leaving no room to generate; {advice}"
         )
 
 
@@ -78,6 +97,7 @@ class GenerationRequest:
     input_ids: list[int]
     images: Sequence[ProcessedImage] = ()
     sampling: SamplingParams = field(default_factory=SamplingParams)
+    videos: Sequence[ProcessedVideo] = ()  # models with a video token: each `<video>` run, in prompt order
     request_id: str = field(default_factory=lambda: uuid.uuid4().hex)
     adapter: str | None = None  # a LoRA adapter loaded in the engine (`Engine.load_adapter`), None: the base
 
@@ -254,26 +274,63 @@ def check_ids(input_ids, vocab_size: int) -> list[int]:
 
 def check_images(ids: list[int], images, image_token_id: int, anyres: bool) -> list[ImageRun]:
     """Each image's run of `<image>` tokens in the prompt (image i takes the next num_tokens image positions)."""
-    positions = [p for p, t in enumerate(ids) if t == image_token_id]
-    counts = [getattr(im, "num_tokens", None) for im in images]
+    return check_media(ids, images, (), image_token_id, None, anyres)[1]
+
+
+def check_media(ids: list[int], images, videos, image_token_id: int, video_token_id: int | None,
+                anyres: bool) -> tuple[list, list[ImageRun]]:
+    """Images and videos in prompt order, with each one's run of `<image>` / `<video>` tokens (image i takes the
+    next num_tokens image positions, video j the next num_tokens video positions)."""
+    if videos and video_token_id is None:
+        raise InvalidRequestError(f"{len(videos)} video(s) sent, but this model has no video token: send the frames "
+                                  "as images")
+    runs = _runs(ids, images, image_token_id, "image")
+    for im, run in zip(images, runs):
+        if getattr(im, "features", None) is None:
+            _check_pixels(im, run.index, anyres)
+        elif im.features.dim() != 2 or im.features.shape[0] != run.num_tokens:
+            raise InvalidRequestError(f"image {run.index}: features must be [num_tokens={run.num_tokens}, hidden], "
+                                      f"got {tuple(im.features.shape)}")
+    vruns = _runs(ids, videos, video_token_id, "video") if video_token_id is not None else []
+    for v, run in zip(videos, vruns):
+        pv = getattr(v, "pixel_values", None)
+        frames = len(getattr(v, "frame_keys", ()))
+        if not isinstance(pv, torch.Tensor) or pv.dim() != 4 or pv.shape[0] != frames or not frames:
+            shape = tuple(pv.shape) if isinstance(pv, torch.Tensor) else type(pv).__name__
+            raise InvalidRequestError(f"video {run.index}: pixel_values must be [n_frames={frames}, 3, S, S], got {shape}")
+        if v.num_tokens != frames * v.tokens_per_frame + 1:
+            raise InvalidRequestError(f"video {run.index}: {v.num_tokens} tokens for {frames} frames of "
+                                      f"{v.tokens_per_frame} (+1 newline = {frames * v.tokens_per_frame + 1})")
+    pairs = sorted(zip([*images, *videos], [r.run for r in runs + vruns]), key=lambda p: p[1].start)
+    return [p[0] for p in pairs], [p[1] for p in pairs]
+
+
+@dataclass
+class _Run:
+    run: ImageRun
+    index: int
+
+    @property
+    def num_tokens(self) -> int:
+        return self.run.num_tokens
+
+
+def _runs(ids: list[int], items, token_id: int, kind: str) -> list[_Run]:
+    positions = [p for p, t in enumerate(ids) if t == token_id]
+    counts = [getattr(it, "num_tokens", None) for it in items]
     if any(not isinstance(c, int) or c < 1 for c in counts):
-        raise InvalidRequestError(f"every image needs num_tokens >= 1, got {counts}")
+        raise InvalidRequestError(f"every {kind} needs num_tokens >= 1, got {counts}")
     if sum(counts) != len(positions):
         raise InvalidRequestError(
-            f"the prompt has {len(positions)} image tokens (id {image_token_id}) but its {len(images)} "
-            f"image(s) need {sum(counts)} ({counts}); render the prompt with each image's num_tokens"
+            f"the prompt has {len(positions)} {kind} tokens (id {token_id}) but its {len(items)} "
+            f"{kind}(s) need {sum(counts)} ({counts}); render the prompt with each {kind}'s num_tokens"
         )
     runs, k = [], 0
-    for im, c in zip(images, counts):
+    for it, c in zip(items, counts):
         start = positions[k]
         if positions[k + c - 1] != start + c - 1:
-            raise InvalidRequestError(f"the {c} image tokens of image {len(runs)} are not contiguous in the prompt")
-        if getattr(im, "features", None) is None:
-            _check_pixels(im, len(runs), anyres)
-        elif im.features.dim() != 2 or im.features.shape[0] != c:
-            raise InvalidRequestError(f"image {len(runs)}: features must be [num_tokens={c}, hidden], "
-                                      f"got {tuple(im.features.shape)}")
-        runs.append(ImageRun(str(im.key), start, c))
+            raise InvalidRequestError(f"the {c} {kind} tokens of {kind} {len(runs)} are not contiguous in the prompt")
+        runs.append(_Run(ImageRun(str(it.key), start, c), len(runs)))
         k += c
     return runs
 

@@ -36,14 +36,16 @@ def _corpus() -> list[str]:
     return lines
 
 
-def make_tiny_tokenizer(vocab_size: int = 400) -> PreTrainedTokenizerFast:
-    """A byte-level BPE tokenizer (no UNK: any text encodes) with the templates' special tokens."""
+def make_tiny_tokenizer(vocab_size: int = 400, with_video: bool = False) -> PreTrainedTokenizerFast:
+    """A byte-level BPE tokenizer (no UNK: any text encodes) with the templates' special tokens (and `<video>`, for
+    LLaVA-OneVision-like models, with `with_video`)."""
+    specials = SPECIAL_TOKENS + (["<video>"] if with_video else [])
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
-        special_tokens=SPECIAL_TOKENS,
+        special_tokens=specials,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
@@ -53,8 +55,8 @@ def make_tiny_tokenizer(vocab_size: int = 400) -> PreTrainedTokenizerFast:
         bos_token="<s>",
         eos_token="</s>",
         pad_token="<pad>",
-        extra_special_tokens={"image_token": "<image>"},
-        additional_special_tokens=SPECIAL_TOKENS[4:],
+        extra_special_tokens={"image_token": "<image>", **({"video_token": "<video>"} if with_video else {})},
+        additional_special_tokens=specials[4:],
     )
 
 

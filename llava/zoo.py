@@ -24,6 +24,8 @@ from transformers import (
     LlavaForConditionalGeneration,
     LlavaNextConfig,
     LlavaNextForConditionalGeneration,
+    LlavaOnevisionConfig,
+    LlavaOnevisionForConditionalGeneration,
     PreTrainedConfig,
     PreTrainedModel,
 )
@@ -31,12 +33,16 @@ from transformers import (
 from llava.projector import STANDARD_PROJECTOR
 from llava.templates import TEMPLATES
 
-Arch = Literal["llava", "llava_next"]
-ImageMode = Literal["pad", "anyres"]
+Arch = Literal["llava", "llava_next", "llava_onevision"]
+ImageMode = Literal["pad", "resize", "anyres"]
+ANYRES_ARCHS = ("llava_next", "llava_onevision")
 PrecisionName = Literal["bf16", "8bit", "4bit"]
 
 # LLaVA-1.6 AnyRes candidate resolutions (height, width), identical for every 1.6 checkpoint.
 LLAVA_16_PINPOINTS: tuple[tuple[int, int], ...] = ((336, 672), (672, 336), (672, 672), (1008, 336), (336, 1008))
+# LLaVA-OneVision: every (h, w) of 1..6 tiles of 384 px per side (36 grids, 384 ... 2304), anyres_max_9.
+ONEVISION_PINPOINTS: tuple[tuple[int, int], ...] = tuple(
+    (384 * i, 384 * j) for i in range(1, 7) for j in range(1, 7))
 
 GIB = 2**30
 # Fixed per-process cost on top of weights and KV cache: CUDA context (~0.3-0.5 GiB), activation workspace for one
@@ -70,7 +76,7 @@ class InvalidEntryError(ZooError, ValueError):
 
 @dataclass(frozen=True)
 class VisionShape:
-    """CLIP vision tower shape (transformers `CLIPVisionConfig` field names)."""
+    """CLIP or SigLIP vision tower shape (transformers `CLIPVisionConfig` / `SiglipVisionConfig` field names)."""
 
     hidden_size: int = 1024
     num_hidden_layers: int = 24
@@ -79,24 +85,32 @@ class VisionShape:
     patch_size: int = 14
     image_size: int = 336
     projection_dim: int = 768  # only used by CLIP's projection head, which LLaVA does not load
+    family: Literal["clip", "siglip"] = "clip"
 
     @property
     def num_patches(self) -> int:
         return (self.image_size // self.patch_size) ** 2
 
     def hf_dict(self) -> dict:
-        return {"model_type": "clip_vision_model", **self.__dict__}
+        d = {k: v for k, v in self.__dict__.items() if k != "family"}
+        if self.family == "siglip":
+            del d["projection_dim"]
+            return {"model_type": "siglip_vision_model", "vision_use_head": False, **d}
+        return {"model_type": "clip_vision_model", **d}
 
 
-# openai/clip-vit-large-patch14-336, the tower of every entry below.
+# openai/clip-vit-large-patch14-336, the tower of the 1.5 / 1.6 entries.
 CLIP_L14_336 = VisionShape()
+# google/siglip-so400m-patch14-384 without its last layer and pooling head (LLaVA-OneVision / -Interleave): 729 tokens.
+SIGLIP_SO400M_384 = VisionShape(hidden_size=1152, num_hidden_layers=26, num_attention_heads=16,
+                                intermediate_size=4304, patch_size=14, image_size=384, family="siglip")
 
 
 @dataclass(frozen=True)
 class TextShape:
     """Decoder-only LLM shape (Llama / Mistral config field names). Token ids are those of the llava-hf checkpoint."""
 
-    model_type: Literal["llama", "mistral"]
+    model_type: Literal["llama", "mistral", "qwen2"]
     hidden_size: int
     num_hidden_layers: int
     num_attention_heads: int
@@ -107,6 +121,11 @@ class TextShape:
     max_position_embeddings: int
     rms_norm_eps: float = 1e-5
     pad_token_id: int | None = None
+    tie_word_embeddings: bool = False
+
+    @property
+    def qkv_bias(self) -> bool:
+        return self.model_type == "qwen2"  # Qwen's q/k/v projections carry biases
 
     @property
     def head_dim(self) -> int:
@@ -125,7 +144,7 @@ class TextShape:
             "rms_norm_eps": self.rms_norm_eps,
             "rope_parameters": {"rope_type": "default", "rope_theta": self.rope_theta},
             "pad_token_id": self.pad_token_id,
-            "tie_word_embeddings": False,
+            "tie_word_embeddings": self.tie_word_embeddings,
         }
         if self.model_type == "mistral":
             d["sliding_window"] = None  # Mistral-7B-Instruct-v0.2 (the 1.6 base) has no sliding window
@@ -139,6 +158,13 @@ VICUNA_13B = TextShape("llama", 5120, 40, 40, 40, 13824, 32064, 10_000.0, 4096, 
 MISTRAL_7B = TextShape("mistral", 4096, 32, 32, 8, 14336, 32064, 1_000_000.0, 32768, pad_token_id=32001)
 # Nous-Hermes-2-Yi-34B. The llava-hf pad id is not pinned here (not certain of it); the tokenizer carries it.
 YI_34B = TextShape("llama", 7168, 60, 56, 8, 20480, 64064, 5_000_000.0, 4096)
+# Qwen2 (LLaVA-OneVision) and Qwen1.5 (LLaVA-NeXT-Interleave) chat models: their vocabularies already hold the added
+# <image> 151646 / <video> 151647, so the shapes are the bare LLMs'.
+QWEN2_05B = TextShape("qwen2", 896, 24, 14, 2, 4864, 151936, 1_000_000.0, 32768, 1e-6, tie_word_embeddings=True)
+QWEN2_7B = TextShape("qwen2", 3584, 28, 28, 4, 18944, 152064, 1_000_000.0, 32768, 1e-6)
+QWEN2_72B = TextShape("qwen2", 8192, 80, 64, 8, 29568, 152064, 1_000_000.0, 32768, 1e-6)
+QWEN15_05B = TextShape("qwen2", 1024, 24, 16, 16, 2816, 151936, 1_000_000.0, 32768, 1e-6, tie_word_embeddings=True)
+QWEN15_7B = TextShape("qwen2", 4096, 32, 32, 32, 11008, 151936, 1_000_000.0, 32768, 1e-6)
 
 
 @dataclass(frozen=True)
@@ -161,6 +187,8 @@ class ZooEntry:
     image_size: int = 336
     projector: str = STANDARD_PROJECTOR
     vision_feature_layer: int = -2
+    vision_feature_select_strategy: str = "default"  # "full": SigLIP has no CLS token to drop
+    video_token_id: int | None = None  # llava_onevision
 
     def __post_init__(self):
         for value, valid in ((self.arch, get_args(Arch)), (self.image_mode, get_args(ImageMode)),
@@ -169,29 +197,35 @@ class ZooEntry:
                 raise InvalidEntryError(f"{self.name}: {value!r} is not one of {valid}")
         if (self.image_mode == "anyres") != (self.grid_pinpoints is not None):
             raise InvalidEntryError(f"{self.name}: grid_pinpoints are required for anyres and only for anyres")
-        if (self.arch == "llava_next") != (self.image_mode == "anyres"):
-            raise InvalidEntryError(f"{self.name}: arch llava_next goes with anyres, llava with a square mode")
+        if (self.arch in ANYRES_ARCHS) != (self.image_mode == "anyres"):
+            raise InvalidEntryError(f"{self.name}: arch {self.arch} goes with "
+                                    f"{'anyres' if self.arch in ANYRES_ARCHS else 'a square mode'}")
         if self.image_size != self.vision.image_size:
             raise InvalidEntryError(f"{self.name}: image_size {self.image_size} != tower's {self.vision.image_size}")
 
     @property
     def image_seq_length(self) -> int:
-        """Feature tokens per base-resolution view ("default" strategy drops CLS): 576 at 336 px / patch 14."""
+        """Feature tokens per base-resolution view ("default" strategy drops CLS): 576 at 336 px / patch 14, 729 for
+        SigLIP at 384 px (no CLS)."""
         return self.vision.num_patches
 
     def hf_config(self) -> PreTrainedConfig:
-        """The transformers LlavaConfig / LlavaNextConfig with this entry's shape (no weights involved)."""
+        """The transformers LlavaConfig / LlavaNextConfig / LlavaOnevisionConfig with this entry's shape (no weights
+        involved)."""
         kwargs = dict(
             vision_config=self.vision.hf_dict(),
             text_config=self.text.hf_dict(),
             image_token_id=self.image_token_id,
-            image_seq_length=self.image_seq_length,
             vision_feature_layer=self.vision_feature_layer,
-            vision_feature_select_strategy="default",
+            vision_feature_select_strategy=self.vision_feature_select_strategy,
             projector_hidden_act="gelu",
-            tie_word_embeddings=False,
+            tie_word_embeddings=self.text.tie_word_embeddings,
         )
-        if self.arch == "llava_next":
+        if self.arch == "llava_onevision":
+            kwargs.update(video_token_id=self.video_token_id, vision_aspect_ratio="anyres_max_9")
+        else:
+            kwargs["image_seq_length"] = self.image_seq_length
+        if self.arch in ANYRES_ARCHS:
             kwargs["image_grid_pinpoints"] = [list(p) for p in self.grid_pinpoints]
         return _ARCH_CLASSES[self.arch][0](**kwargs)
 
@@ -203,7 +237,29 @@ class ZooEntry:
 _ARCH_CLASSES: Mapping[str, tuple[type[PreTrainedConfig], type[PreTrainedModel]]] = MappingProxyType({
     "llava": (LlavaConfig, LlavaForConditionalGeneration),
     "llava_next": (LlavaNextConfig, LlavaNextForConditionalGeneration),
+    "llava_onevision": (LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration),
 })
+
+
+def _onevision(size: str, kind: str, text: TextShape, params_b: float) -> ZooEntry:
+    """llava-hf/llava-onevision-qwen2-{size}-{kind}-hf: kind si (single-image stage) or ov (images + video)."""
+    return ZooEntry(f"llava-onevision-{size}-{kind}", f"llava-hf/llava-onevision-qwen2-{size}-{kind}-hf",
+                    f"lmms-lab/llava-onevision-qwen2-{size}-{kind}", "llava_onevision", "qwen_1_5", "anyres", text,
+                    image_token_id=151646, video_token_id=151647, params_b=params_b, context_tokens=32768,
+                    grid_pinpoints=ONEVISION_PINPOINTS, vision=SIGLIP_SO400M_384,
+                    vision_tower="google/siglip-so400m-patch14-384", image_size=384, vision_feature_layer=-1,
+                    vision_feature_select_strategy="full")
+
+
+def _interleave(size: str, text: TextShape, params_b: float) -> ZooEntry:
+    """llava-hf/llava-interleave-qwen-{size}-hf: a plain llava (SigLIP + Qwen1.5) trained on several images, frames
+    and views; 729 tokens per image, a video is its frames as images."""
+    return ZooEntry(f"llava-interleave-{size}", f"llava-hf/llava-interleave-qwen-{size}-hf",
+                    f"lmms-lab/llava-next-interleave-qwen-{size}", "llava", "qwen_1_5", "resize", text,
+                    image_token_id=151646, params_b=params_b, context_tokens=32768, vision=SIGLIP_SO400M_384,
+                    vision_tower="google/siglip-so400m-patch14-384", image_size=384, vision_feature_layer=-1,
+                    vision_feature_select_strategy="full")
+
 
 ZOO: tuple[ZooEntry, ...] = (
     ZooEntry("llava-1.5-7b", "llava-hf/llava-1.5-7b-hf", "liuhaotian/llava-v1.5-7b", "llava", "vicuna_v1", "pad",
@@ -222,6 +278,10 @@ ZOO: tuple[ZooEntry, ...] = (
     ZooEntry("llava-1.6-34b", "llava-hf/llava-v1.6-34b-hf", "liuhaotian/llava-v1.6-34b", "llava_next",
              "chatml_direct", "anyres", YI_34B, image_token_id=64000, params_b=34.75, context_tokens=4096,
              grid_pinpoints=LLAVA_16_PINPOINTS),
+    _onevision("0.5b", "si", QWEN2_05B, 0.89), _onevision("0.5b", "ov", QWEN2_05B, 0.89),
+    _onevision("7b", "si", QWEN2_7B, 8.03), _onevision("7b", "ov", QWEN2_7B, 8.03),
+    _onevision("72b", "si", QWEN2_72B, 73.2), _onevision("72b", "ov", QWEN2_72B, 73.2),
+    _interleave("0.5b", QWEN15_05B, 0.87), _interleave("7b", QWEN15_7B, 8.13),
 )
 
 
@@ -257,7 +317,7 @@ class ParamCounts:
     bitsandbytes quantizes; embeddings, norms and lm_head stay bf16 like the vision tower and projector."""
 
     vision: int
-    projector: int  # includes LLaVA-NeXT's image_newline
+    projector: int  # includes LLaVA-NeXT's / OneVision's image_newline
     llm_linear: int
     llm_other: int  # embed_tokens, lm_head (untied), RMSNorms
 
@@ -266,10 +326,12 @@ class ParamCounts:
         return self.vision + self.projector + self.llm_linear + self.llm_other
 
 
-def _clip_vision_params(v: VisionShape) -> int:
+def _vision_params(v: VisionShape) -> int:
     h, i = v.hidden_size, v.intermediate_size
-    embeddings = h + 3 * v.patch_size**2 * h + (v.num_patches + 1) * h  # CLS, conv (no bias), positions
     layer = 4 * (h * h + h) + (h * i + i) + (i * h + h) + 2 * 2 * h  # attention, MLP, two LayerNorms
+    if v.family == "siglip":  # conv with bias, positions, no CLS, one post-LayerNorm, no pooling head
+        return 3 * v.patch_size**2 * h + h + v.num_patches * h + v.num_hidden_layers * layer + 2 * h
+    embeddings = h + 3 * v.patch_size**2 * h + (v.num_patches + 1) * h  # CLS, conv (no bias), positions
     return embeddings + v.num_hidden_layers * layer + 2 * 2 * h  # pre- and post-LayerNorm
 
 
@@ -277,16 +339,18 @@ def param_counts(entry: ZooEntry) -> ParamCounts:
     """Count parameters from the config shape alone (a test checks it against the meta-device model)."""
     t = entry.text
     h, kv = t.hidden_size, t.num_key_value_heads * t.head_dim
-    attn = 2 * h * h + 2 * h * kv  # q, o: [h, h]; k, v: [kv, h]; no biases
+    attn = 2 * h * h + 2 * h * kv  # q, o: [h, h]; k, v: [kv, h]
+    bias = (h + 2 * kv) if t.qkv_bias else 0  # Qwen's q/k/v biases (not quantized: counted with the rest)
     mlp = 3 * h * t.intermediate_size  # gate, up, down
     projector = (entry.vision.hidden_size * h + h) + (h * h + h)  # mlp2x_gelu: linear_1, linear_2
-    if entry.arch == "llava_next":
+    if entry.arch in ANYRES_ARCHS:
         projector += h  # image_newline
+    embeddings = (1 if t.tie_word_embeddings else 2) * t.vocab_size * h  # embed_tokens (+ lm_head unless tied)
     return ParamCounts(
-        vision=_clip_vision_params(entry.vision),
+        vision=_vision_params(entry.vision),
         projector=projector,
         llm_linear=t.num_hidden_layers * (attn + mlp),
-        llm_other=2 * t.vocab_size * h + (2 * t.num_hidden_layers + 1) * h,
+        llm_other=embeddings + t.num_hidden_layers * bias + (2 * t.num_hidden_layers + 1) * h,
     )
 
 
@@ -339,10 +403,14 @@ def to_markdown() -> str:
         lines.append("| " + " | ".join(row) + " |")
     note = (
         "Memory = weights + bf16 KV cache for one conversation at the training length (2,048 tokens for 1.5, "
-        f"4,096 for 1.6) + {OVERHEAD_GIB:.1f} GiB (CUDA context, activations). At 8-/4-bit only the LLM's decoder "
+        "4,096 for 1.6, the Qwen LLM's 32,768 for OneVision / Interleave) "
+        f"+ {OVERHEAD_GIB:.1f} GiB (CUDA context, activations). At 8-/4-bit only the LLM's decoder "
         "linears are quantized (1.0 / 0.55 bytes per parameter); vision tower, projector, embeddings and lm_head "
         "stay bf16 (`llm_int8_skip_modules`). Parameter counts are exact for the listed config shapes. "
-        "Vision tower: openai/clip-vit-large-patch14-336, feature layer -2, 576 tokens per 336 px view; "
-        "anyres pinpoints " + ", ".join(f"{h}x{w}" for h, w in LLAVA_16_PINPOINTS) + "."
+        "1.5 / 1.6 vision tower: openai/clip-vit-large-patch14-336, feature layer -2, 576 tokens per 336 px view; "
+        "anyres pinpoints " + ", ".join(f"{h}x{w}" for h, w in LLAVA_16_PINPOINTS) + ". "
+        "OneVision / Interleave: SigLIP-so400m at 384 px (26 layers, last one used, 729 tokens per view); OneVision "
+        "anyres_max_9 over 1-6 x 1-6 tiles of 384 px, up to ~8,800 tokens per lone image, 730 per image of several, "
+        "196 per video frame (2x2 pooled); Interleave reads every image and frame as one 729-token view."
     )
     return "\n".join(lines) + "\n\n" + note + "\n"

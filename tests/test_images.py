@@ -257,7 +257,7 @@ def test_processing_json_round_trip_and_key():
     "kwargs, words",
     [
         ({"mode": "square"}, "unknown mode"),
-        ({"size": 30, "patch_size": 14}, "multiple of patch_size"),
+        ({"size": 10, "patch_size": 14}, "at least patch_size"),
         ({"mode": "anyres"}, "needs grid_pinpoints"),
         ({"mode": "anyres", "size": 32, "patch_size": 8, "grid_pinpoints": ((32, 48),)}, "multiples of size"),
         ({"mode": "anyres", "size": 32, "patch_size": 8, "grid_pinpoints": PINPOINTS, "keep_cls": True}, "CLS"),

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import AutoConfig, AutoModelForImageTextToText, CLIPVisionModel
+from transformers import AutoConfig, AutoModelForImageTextToText, CLIPVisionModel, SiglipVisionModel
 
 from llava import zoo
 from llava.templates import TEMPLATES
@@ -39,7 +39,13 @@ LLAMA2_13B = 13_015_864_320
 MISTRAL_7B = 7_241_732_096
 YI_34B = 34_388_917_248
 CLIP_L14_336_VISION = 303_507_456
+QWEN2_05B, QWEN2_7B, QWEN2_72B = 494_032_768, 7_615_616_512, 72_706_203_648
+QWEN15_05B, QWEN15_7B = 463_987_712, 7_721_324_544
 BARE_LLM = {
+    **{f"llava-onevision-{size}-{kind}": (n, vocab) for size, n, vocab in (
+        ("0.5b", QWEN2_05B, 151936), ("7b", QWEN2_7B, 152064), ("72b", QWEN2_72B, 152064)) for kind in ("si", "ov")},
+    "llava-interleave-0.5b": (QWEN15_05B, 151936),
+    "llava-interleave-7b": (QWEN15_7B, 151936),
     "llava-1.5-7b": (LLAMA2_7B, 32000),
     "llava-1.5-13b": (LLAMA2_13B, 32000),
     "llava-1.6-vicuna-7b": (LLAMA2_7B, 32000),
@@ -58,7 +64,10 @@ def _meta_model(entry):
 
 def test_zoo_lists_the_standard_checkpoints():
     assert NAMES == ["llava-1.5-7b", "llava-1.5-13b", "llava-1.6-vicuna-7b", "llava-1.6-vicuna-13b",
-                     "llava-1.6-mistral-7b", "llava-1.6-34b"]
+                     "llava-1.6-mistral-7b", "llava-1.6-34b",
+                     *(f"llava-onevision-{s}-{k}" for s in ("0.5b", "7b", "72b") for k in ("si", "ov")),
+                     "llava-interleave-0.5b", "llava-interleave-7b"]
+    assert {get_entry(n).template for n in NAMES if "onevision" in n or "interleave" in n} == {"qwen_1_5"}
     assert {e.template for e in ZOO} <= set(TEMPLATES)
     assert get_entry("llava-1.6-mistral-7b").template == "mistral_instruct"
     assert get_entry("llava-1.6-34b").template == "chatml_direct"
@@ -80,25 +89,28 @@ def test_meta_model_size_and_layout(name):
 
     text = entry.text
     inner = model.model
-    assert isinstance(inner.vision_tower, CLIPVisionModel)
-    assert sum(p.numel() for p in inner.vision_tower.parameters()) == CLIP_L14_336_VISION
+    if entry.vision.family == "clip":
+        assert isinstance(inner.vision_tower, CLIPVisionModel)
+        assert sum(p.numel() for p in inner.vision_tower.parameters()) == CLIP_L14_336_VISION
+    else:
+        assert isinstance(inner.vision_tower, SiglipVisionModel) and not hasattr(inner.vision_tower, "head")
     proj = inner.multi_modal_projector
-    assert (proj.linear_1.in_features, proj.linear_1.out_features) == (1024, text.hidden_size)
+    assert (proj.linear_1.in_features, proj.linear_1.out_features) == (entry.vision.hidden_size, text.hidden_size)
     assert (proj.linear_2.in_features, proj.linear_2.out_features) == (text.hidden_size, text.hidden_size)
     lm = inner.language_model
     assert len(lm.layers) == text.num_hidden_layers
     assert lm.embed_tokens.weight.shape == (text.vocab_size, text.hidden_size)
     assert lm.layers[0].self_attn.k_proj.out_features == text.num_key_value_heads * text.head_dim
     assert model.lm_head.out_features == text.vocab_size
-    assert model.lm_head.weight is not lm.embed_tokens.weight
-    if entry.arch == "llava_next":
+    assert (model.lm_head.weight is lm.embed_tokens.weight) == text.tie_word_embeddings
+    if entry.arch in ("llava_next", "llava_onevision"):
         assert inner.image_newline.shape == (text.hidden_size,)
     else:
         assert not hasattr(inner, "image_newline")
 
     # Independent anchor: the bare LLM's published size plus llava-hf's added rows (embed_tokens and lm_head).
     bare, bare_vocab = BARE_LLM[name]
-    llm = sum(p.numel() for p in lm.parameters()) + model.lm_head.weight.numel()
+    llm = sum(p.numel() for p in lm.parameters()) + (0 if text.tie_word_embeddings else model.lm_head.weight.numel())
     assert llm == bare + 2 * (text.vocab_size - bare_vocab) * text.hidden_size
 
 
@@ -108,10 +120,17 @@ def test_hf_config_fields(name, tmp_path):
     cfg = entry.hf_config()
     assert cfg.model_type == entry.arch
     assert cfg.image_token_id == entry.image_token_id < entry.text.vocab_size
-    assert cfg.vision_feature_layer == -2
-    assert cfg.vision_feature_select_strategy == "default"
-    assert cfg.image_seq_length == 576 == (336 // 14) ** 2
-    assert cfg.vision_config.image_size == entry.image_size == 336
+    if entry.vision.family == "clip":
+        assert cfg.vision_feature_layer == -2
+        assert cfg.vision_feature_select_strategy == "default"
+        assert cfg.image_seq_length == 576 == (336 // 14) ** 2
+        assert cfg.vision_config.image_size == entry.image_size == 336
+    else:  # SigLIP: no CLS, the last kept layer, 27 x 27 patches
+        assert (cfg.vision_feature_layer, cfg.vision_feature_select_strategy) == (-1, "full")
+        assert cfg.vision_config.image_size == entry.image_size == 384 and entry.image_seq_length == 729
+    if entry.arch == "llava_onevision":
+        assert (cfg.image_token_id, cfg.video_token_id, cfg.vision_aspect_ratio) == (151646, 151647, "anyres_max_9")
+        assert len(cfg.image_grid_pinpoints) == 36
     assert cfg.text_config.rope_parameters["rope_theta"] == entry.text.rope_theta
     if entry.arch == "llava_next":
         assert cfg.image_grid_pinpoints == [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]]
