@@ -306,7 +306,8 @@ class ModalityLengthSampler(Sampler[int]):
 
     Each modality is shuffled, cut into mega-batches of `batch_size * mega` rows, each sorted by length and cut into
     batches; the batches of both modalities are then shuffled together. Deterministic in (seed, epoch), so a
-    resumed run sees the same order.
+    resumed run, and every process of a data-parallel run, sees the same order. `batch_size` is the global batch
+    (per-device batch x processes x accumulation steps); the stream stops at a whole number of them (below).
     """
 
     lengths: list[int]
@@ -320,7 +321,7 @@ class ModalityLengthSampler(Sampler[int]):
         self.epoch = epoch
 
     def __len__(self) -> int:
-        return len(self.lengths)
+        return whole_batches(len(self.lengths), self.batch_size)
 
     def __iter__(self) -> Iterator[int]:
         rng = random.Random(self.seed * 100_003 + self.epoch)
@@ -333,4 +334,32 @@ class ModalityLengthSampler(Sampler[int]):
                 mega = sorted(idx[start:start + step], key=lambda i: -self.lengths[i])
                 batches += [mega[j:j + self.batch_size] for j in range(0, len(mega), self.batch_size)]
         rng.shuffle(batches)
-        return iter([i for b in batches for i in b])
+        return iter([i for b in batches for i in b][:len(self)])
+
+
+@dataclass
+class ShuffleSampler(Sampler[int]):
+    """A plain shuffle, deterministic in (seed, epoch) on every process, cut to whole global batches."""
+
+    size: int
+    batch_size: int  # the global batch
+    seed: int = 0
+    epoch: int = field(default=0)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return whole_batches(self.size, self.batch_size)
+
+    def __iter__(self) -> Iterator[int]:
+        order = list(range(self.size))
+        random.Random(self.seed * 100_003 + self.epoch).shuffle(order)
+        return iter(order[:len(self)])
+
+
+def whole_batches(rows: int, global_batch: int) -> int:
+    """Rows an epoch uses: a whole number of global batches. The last partial one is dropped (fewer than
+    `global_batch` rows), so every optimizer step -- one process or many, with or without accumulation -- sees
+    `global_batch` rows and a run's steps do not depend on how the batch is split."""
+    return rows // global_batch * global_batch

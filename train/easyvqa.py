@@ -16,6 +16,7 @@ Promises:
 from __future__ import annotations
 
 import json
+import os
 import random
 from collections import Counter, defaultdict
 from dataclasses import dataclass
@@ -153,7 +154,9 @@ def dialogues(split: str = "train", *, max_turns: int = 12, seed: int = 0, limit
 def write_json(rows: list[dict], path: str | Path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(rows, indent=0))
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # whole file or none, also with several writers
+    tmp.write_text(json.dumps(rows, indent=0))
+    tmp.replace(path)
     return path
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from pathlib import Path
 
 import torch
@@ -82,7 +83,7 @@ class FeatureCache:
 
     def save(self) -> Path:
         self.file.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.file.with_suffix(".tmp")
+        tmp = self.file.with_name(f".{self.file.name}.{os.getpid()}.tmp")  # processes on several nodes may save at once
         save_file(self.entries, tmp)
         tmp.replace(self.file)
         return self.file

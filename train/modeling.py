@@ -7,6 +7,12 @@ Promises:
   Both paths give the same projector input, so a cached run and an uncached run train the same function.
 - Logits are computed only where a label exists (the assistant tokens), never over the 49k vocabulary for image and
   prompt positions.
+- The loss is the mean over label tokens of the whole optimizer step: HF Trainer passes `num_items_in_batch` (the
+  label tokens of all micro-batches and, with `average_tokens_across_devices`, of all processes), so a run on W
+  processes x per-device batch b trains the same function as one process with batch W*b or with gradient
+  accumulation (not a mean of per-device means).
+- Every trainable tensor gets a gradient on every batch (a text-only batch projects zero images), as data-parallel
+  training on several processes requires.
 - `set_trainable(...)` freezes everything, then unfreezes the projector and/or the LLM (full); `add_lora(...)`
   injects PEFT LoRA into `model.language_model` only.
 - `trainable_state(wrapper)` / `load_trainable(wrapper, state)` move exactly the trainable tensors (checkpoints
@@ -33,6 +39,9 @@ class ImageTokenMismatch(ValueError):
 class LlavaForTraining(nn.Module):
     """Loss-only forward of a Llava model; `self.model` is the Llava model or its PeftModel."""
 
+    accepts_loss_kwargs = True  # Trainer passes num_items_in_batch
+    loss_type = "ForCausalLM"  # Trainer counts items over labels[:, 1:], the positions this loss predicts
+
     def __init__(self, model):
         super().__init__()
         self.model = model
@@ -54,9 +63,20 @@ class LlavaForTraining(nn.Module):
         projector = llava.model.multi_modal_projector
         return projector(image_features.to(next(projector.parameters()).dtype))
 
-    def forward(self, input_ids, attention_mask, labels, pixel_values=None, image_features=None, position_ids=None):
+    def no_images(self, like: torch.Tensor) -> torch.Tensor:
+        """[0, 1, D] vision features. Projecting them adds exactly 0 to the loss but gives every projector tensor a
+        (zero) gradient, so a process whose batch is text-only reduces the same tensors as the others: data-parallel
+        reducers (DDP, DeepSpeed ZeRO buckets) otherwise exchange mismatched buffers and gloo aborts (the original
+        LLaVA's `image_features[0:0]`)."""
+        config = self.llava.config
+        layers = 1 if isinstance(config.vision_feature_layer, int) else len(config.vision_feature_layer)
+        return like.new_zeros(0, 1, config.vision_config.hidden_size * layers)
+
+    def forward(self, input_ids, attention_mask, labels, pixel_values=None, image_features=None, position_ids=None,
+                num_items_in_batch=None):
         """attention_mask is [B, L] (padding) or a 4D boolean [B, 1, L, L] from `train.data.tree_mask` (with
-        position_ids), which transformers passes to attention as is."""
+        position_ids), which transformers passes to attention as is. `num_items_in_batch`: the step's label-token
+        count (Trainer); the loss is then sum / count, else the mean over this batch."""
         llava = self.llava
         embeds = llava.get_input_embeddings()(input_ids)  # [B, L, H]
         if pixel_values is not None or image_features is not None:
@@ -68,13 +88,17 @@ class LlavaForTraining(nn.Module):
                     "features"
                 )
             embeds = embeds.masked_scatter(slots.unsqueeze(-1), images.to(embeds.dtype))
+        else:  # text-only batch: the projector still runs (on zero images), see `no_images`
+            embeds = embeds + self.image_embeddings(image_features=self.no_images(embeds)).sum().to(embeds.dtype)
         hidden = llava.model.language_model(
             inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids
         ).last_hidden_state
         target = labels[:, 1:]  # token t predicts t+1
         keep = target != IGNORE_INDEX  # [B, L-1]
         logits = llava.lm_head(hidden[:, :-1][keep])  # [K, V] only at labelled positions
-        loss = F.cross_entropy(logits.float(), target[keep])
+        if num_items_in_batch is None:
+            return {"loss": F.cross_entropy(logits.float(), target[keep])}
+        loss = F.cross_entropy(logits.float(), target[keep], reduction="sum") / num_items_in_batch
         return {"loss": loss}
 
 

@@ -9,16 +9,25 @@ Promises:
   adapter/ there, if present, so a LoRA run can continue on more data).
 - With a frozen vision encoder (always, here) and `cache_features`, each image is encoded once into a FeatureCache
   reused across epochs and stages; `measure_cache_steps` times the same batches with and without the cache.
-- The run is resumable: checkpoints every `save_steps`; `resume` picks the newest `checkpoint-N` in output_dir.
+- The run is resumable: checkpoints every `save_steps`; `resume` picks the newest `checkpoint-N` in output_dir,
+  `resume_from_checkpoint` names one (HF Trainer's flag).
 - Outputs in output_dir: projector.safetensors (HF Llava key names), adapter/ (PEFT LoRA) or llm.safetensors (full),
   metrics.json, loss.png, config.json; with `export`, `hf/` is a standard HF llava folder (LoRA merged).
-- Runs single-process on CPU, and under `accelerate launch` / `deepspeed` with `deepspeed=train/configs/zero2.json`.
+- Runs single-process on CPU, and on several processes and nodes under `accelerate launch`, `torchrun` or `deepspeed`
+  (with `deepspeed=train/configs/zero2.json` / `zero3.json`). A step's rows and loss do not depend on the split: the
+  sampler groups by the global batch, the loss is averaged over the step's label tokens on all processes, and an
+  epoch's last partial global batch is dropped (`train.data.whole_batches`), so W processes x batch b x accumulation
+  a match one process x batch W*b*a.
+- Under several processes the main process builds the data file and the feature cache first, the others then read
+  them; only the main process writes outputs (ZeRO-3 weights are gathered for it).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
 import sys
 import tempfile
 import time
@@ -29,7 +38,8 @@ import torch
 from pydantic import BaseModel, ConfigDict
 from safetensors.torch import load_file, save_file
 from transformers import TrainingArguments
-from transformers.trainer_utils import get_last_checkpoint
+from transformers.trainer import TRAINER_STATE_NAME
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from llava.assemble import build_model, save_checkpoint
 from llava.config import META_KEY, AssemblySpec, LlavaMeta
@@ -39,7 +49,7 @@ from train import easyvqa
 from train.data import Collator, LlavaDataset
 from train.features import FeatureCache
 from train.modeling import LlavaForTraining, add_lora, projector_state, set_trainable
-from train.trainer import LlavaTrainer, params_summary, write_run_report
+from train.trainer import LlavaTrainer, StepTimer, params_summary, write_run_report
 
 Tune = Literal["projector", "full", "lora", "qlora"]
 
@@ -87,6 +97,7 @@ class TrainConfig(BaseModel):
     independent_turns: bool = False  # pack an image's exchanges as independent single-turn samples (tree mask)
     deepspeed: str | None = None
     resume: bool = True
+    resume_from_checkpoint: str | None = None  # a checkpoint-N folder (default with resume: the newest in output_dir)
     export: bool = False
     progress: bool = True
 
@@ -282,15 +293,13 @@ def training_args(cfg: TrainConfig, out_dir: Path) -> TrainingArguments:
 
 
 def run(cfg: TrainConfig) -> dict:
-    """Train one stage; returns the metrics written to output_dir/metrics.json."""
+    """Train one stage; returns the metrics (written to output_dir/metrics.json by the main process)."""
     cfg = with_preset(cfg)
     autocast = resolve_autocast(cfg.bf16, "cuda" if torch.cuda.is_available() else "cpu")
     cfg = cfg.model_copy(update={"bf16": autocast.value})
     print(json.dumps({"precision": autocast.reason}), flush=True)
     out_dir = Path(cfg.output_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "config.json").write_text(cfg.model_dump_json(indent=2))
-    torch.manual_seed(cfg.seed)
+    torch.manual_seed(cfg.seed)  # the same LoRA initialisation on every process
     t_start = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="llava-train-") as work:
         llava, tokenizer, proc, own_template = load_for_training(cfg, Path(work))
@@ -298,42 +307,83 @@ def run(cfg: TrainConfig) -> dict:
     if cfg.init_from:
         load_projector(llava, cfg.init_from)
     model = prepare_model(cfg, llava).train()
-    ds = build_dataset(cfg, data_file(cfg, out_dir), tokenizer, template, proc)
-    extra: dict = {"stage": cfg.stage, "template": template, "rows": len(ds), "skipped_rows": dict(ds.skipped),
-                   **params_summary(model)}
-    cache = None
-    if cfg.cache_features and ds.image_keys:
-        cache, extra["cache_fill_seconds"] = attach_cache(cfg, ds, model.llava, out_dir)
-        extra["cache_images_encoded"] = cache.encoded
-        if cfg.measure_cache_steps:
-            extra["cache_measurement"] = measure_cache(model, ds, cache, tokenizer.pad_token_id, cfg)
-            print(json.dumps({"cache_measurement": extra["cache_measurement"]}), flush=True)
-    if cfg.deepspeed:
+    if cfg.deepspeed or os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true":  # flag or accelerate config
         _skip_deepspeed_shm_build()
+    args = training_args(cfg, out_dir)  # joins the process group when launched on several processes
+    with args.main_process_first(local=False, desc="data and feature cache"):
+        out_dir.mkdir(parents=True, exist_ok=True)
+        if args.should_save:
+            (out_dir / "config.json").write_text(cfg.model_dump_json(indent=2))
+        ds = build_dataset(cfg, data_file(cfg, out_dir), tokenizer, template, proc)
+        if len(ds) < args.train_batch_size * args.world_size * args.gradient_accumulation_steps:
+            raise ConfigError(f"{len(ds)} rows are fewer than one global batch (batch_size x processes x grad_accum)")
+        extra: dict = {"stage": cfg.stage, "template": template, "rows": len(ds), "skipped_rows": dict(ds.skipped),
+                       "processes": args.world_size, **params_summary(model)}
+        cache = None
+        if cfg.cache_features and ds.image_keys:
+            cache, extra["cache_fill_seconds"] = attach_cache(cfg, ds, model.llava, out_dir)
+            extra["cache_images_encoded"] = cache.encoded
+    if cache is not None and cfg.measure_cache_steps:
+        extra["cache_measurement"] = measure_cache(model, ds, cache, tokenizer.pad_token_id, cfg)
+        print(json.dumps({"cache_measurement": extra["cache_measurement"]}), flush=True)
+    timer = StepTimer()
     trainer = LlavaTrainer(
-        model=model, args=training_args(cfg, out_dir), train_dataset=ds,
-        data_collator=Collator(tokenizer.pad_token_id, cache),
-        projector_lr=cfg.projector_lr, group_by_modality_length=cfg.group_by_modality_length,
+        model=model, args=args, train_dataset=ds, data_collator=Collator(tokenizer.pad_token_id, cache),
+        projector_lr=cfg.projector_lr, group_by_modality_length=cfg.group_by_modality_length, callbacks=[timer],
     )
-    last = get_last_checkpoint(str(out_dir)) if cfg.resume and out_dir.is_dir() else None
+    last = resume_point(cfg, out_dir)
     t_train = time.perf_counter()
     result = trainer.train(resume_from_checkpoint=last)
     extra.update(train_seconds=time.perf_counter() - t_train, total_seconds=time.perf_counter() - t_start,
-                 final_loss=result.training_loss, resumed_from=last, global_step=trainer.state.global_step)
-    if trainer.args.should_save:
-        save_outputs(cfg, model, tokenizer, proc, template, out_dir)
+                 final_loss=result.training_loss, resumed_from=last, global_step=trainer.state.global_step,
+                 seconds_per_step=timer.seconds_per_step(),
+                 zero_stage=trainer.accelerator.state.deepspeed_plugin.zero_stage if trainer.is_deepspeed_enabled else None)
+    with gathered_weights(model):
+        if args.should_save:
+            save_outputs(cfg, model, tokenizer, proc, template, out_dir)
+    if args.should_save:
         return write_run_report(trainer, out_dir, extra)
     return extra
 
 
-def _skip_deepspeed_shm_build() -> None:
-    """DeepSpeed's CPU backend compiles a shared-memory op (~2 min) on first initialize; single-node CPU runs do not
-    need it. Setting the module attribute to a no-op builder before initialize skips it (measured: the build
-    takes ~1.5-2 min on 2 CPU cores, every fresh environment)."""
-    import deepspeed.comm.torch as ds_torch
+def resume_point(cfg: TrainConfig, out_dir: Path) -> str | None:
+    """The checkpoint to continue from: the one named, else (with resume) the newest complete one in output_dir.
 
-    if getattr(ds_torch, "build_shm_op", None) is not None:
-        ds_torch.build_shm_op = lambda: None
+    Trainer writes trainer_state.json last (after weights, optimizer/ZeRO partitions and RNG states), so a folder
+    without it is a checkpoint cut short by a kill; transformers' get_last_checkpoint would pick it and fail."""
+    if cfg.resume_from_checkpoint:
+        if not (Path(cfg.resume_from_checkpoint) / TRAINER_STATE_NAME).is_file():
+            raise ConfigError(f"resume_from_checkpoint={cfg.resume_from_checkpoint} is not a complete checkpoint-N folder")
+        return cfg.resume_from_checkpoint
+    if not cfg.resume or not out_dir.is_dir():
+        return None
+    complete = [p for p in out_dir.glob(f"{PREFIX_CHECKPOINT_DIR}-*")
+                if p.name.split("-")[-1].isdigit() and (p / TRAINER_STATE_NAME).is_file()]
+    return str(max(complete, key=lambda p: int(p.name.split("-")[-1]))) if complete else None
+
+
+def gathered_weights(model: torch.nn.Module):
+    """Under ZeRO-3 each process holds a slice of every weight: gather them (all processes take part) so the main
+    process can save whole tensors; a no-op otherwise."""
+    from transformers.integrations import is_deepspeed_zero3_enabled
+
+    if not is_deepspeed_zero3_enabled():
+        return contextlib.nullcontext()
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=None)
+
+
+def _skip_deepspeed_shm_build() -> None:
+    """DeepSpeed's CPU backend compiles a shared-memory all-reduce op (~0.5-2 min on 2 cores, every fresh environment)
+    when its process group starts; without it DeepSpeed communicates through torch.distributed (gloo) as usual.
+    Replacing the module's builder with a no-op before initialize skips the build. The module is taken from
+    sys.modules: `import deepspeed.comm.torch` resolves to the `torch` name that `deepspeed.comm` re-exports."""
+    import deepspeed.comm  # noqa: F401  (loads deepspeed.comm.torch)
+
+    module = sys.modules.get("deepspeed.comm.torch")
+    if hasattr(module, "build_shm_op"):  # versions without it have nothing to skip here
+        module.build_shm_op = lambda: None
 
 
 # ----------------------------------------------------------------------------------------------- CLI

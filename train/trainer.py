@@ -6,7 +6,10 @@ Promises:
   result as an uninterrupted run (LoRA + projector state included). Under DeepSpeed, Trainer's own engine
   checkpoints are used instead.
 - The projector gets its own learning rate when `projector_lr` is set (LLaVA-1.5's `mm_projector_lr`).
-- With `group_by_modality_length`, batches hold one modality and similar lengths (`ModalityLengthSampler`).
+- With `group_by_modality_length`, batches hold one modality and similar lengths (`ModalityLengthSampler`), else
+  a plain shuffle (`ShuffleSampler`); both group by the global batch and drop an epoch's last partial one, so the
+  rows of each optimizer step do not depend on the number of processes or accumulation steps.
+- `StepTimer` records the wall time of every optimizer step (the median, first step left out, is `seconds_per_step`).
 - `write_run_report` writes metrics.json and loss.png beside the run.
 """
 
@@ -14,13 +17,15 @@ from __future__ import annotations
 
 import json
 import os
+import statistics
+import time
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
-from transformers import Trainer
+from transformers import Trainer, TrainerCallback
 
-from train.data import ModalityLengthSampler
+from train.data import ModalityLengthSampler, ShuffleSampler
 from train.modeling import PROJECTOR_PREFIX, load_trainable, trainable_state
 
 TRAINABLE_FILE = "trainable.safetensors"
@@ -33,13 +38,14 @@ class LlavaTrainer(Trainer):
         self.group_by_modality_length = group_by_modality_length
 
     def _get_train_sampler(self, train_dataset=None):
+        """Our own samplers, never Trainer's: every process draws the same index stream (deterministic in seed and
+        epoch) and accelerate deals it out in per-device batches, so each optimizer step sees the same rows whatever
+        the split into processes x per-device batch x accumulation; the stream holds whole global batches only."""
         ds = train_dataset if train_dataset is not None else self.train_dataset
-        if not self.group_by_modality_length:
-            return super()._get_train_sampler(train_dataset)
-        return ModalityLengthSampler(
-            ds.lengths, ds.modalities, self.args.per_device_train_batch_size,
-            seed=self.args.seed,
-        )
+        global_batch = self.args.per_device_train_batch_size * self.args.world_size * self.args.gradient_accumulation_steps
+        if self.group_by_modality_length:
+            return ModalityLengthSampler(ds.lengths, ds.modalities, global_batch, seed=self.args.seed)
+        return ShuffleSampler(len(ds), global_batch, seed=self.args.seed)
 
     def create_optimizer(self, model=None):
         if self.optimizer is not None or self.projector_lr is None:
@@ -71,6 +77,24 @@ class LlavaTrainer(Trainer):
         if not path.is_file():
             raise FileNotFoundError(f"{resume_from_checkpoint} has no {TRAINABLE_FILE}; not a checkpoint of this trainer")
         load_trainable(model or self.model, load_file(path))
+
+
+class StepTimer(TrainerCallback):
+    """Wall seconds of each optimizer step of this process (data loading, forward, backward, reduction, update)."""
+
+    def __init__(self):
+        self.seconds: list[float] = []
+        self._start = 0.0
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        self._start = time.perf_counter()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.seconds.append(time.perf_counter() - self._start)
+
+    def seconds_per_step(self) -> float | None:
+        """Median over the steps after the first (which pays for warm-up), None before two steps."""
+        return statistics.median(self.seconds[1:]) if len(self.seconds) > 1 else None
 
 
 def write_run_report(trainer: Trainer, out_dir: Path, extra: dict) -> dict:
