@@ -41,7 +41,7 @@ from llava.kvcache import ImageFeatureCache, ImageRun, PrefixCache, common_prefi
 from llava.requests import (
     CacheStats, EngineError, EngineShutDownError, EngineStats, FinishReason, GenerationEvent, GenerationRequest,
     GenerationResult, ImageFeatureMismatchError, InvalidRequestError, PromptTooLongError, RequestHandle,
-    UnknownAdapterError, UnsupportedModelError, check_ids, check_media,
+    UnknownAdapterError, UnsupportedModelError, check_ids, check_media, frames_that_fit,
 )
 from llava.runner import Chunk, LlamaRunner
 from llava.sampling import (
@@ -357,8 +357,7 @@ class Engine:
         fit = None
         if videos:
             longest = max(videos, key=lambda v: v.num_tokens)
-            room = self.context_length - 1 - (n - longest.num_tokens) - 1  # - the newline after the frames
-            fit = max(0, min(longest.num_frames - 1, room // longest.tokens_per_frame))
+            fit = frames_that_fit(self.context_length, n, longest.num_tokens, longest.tokens_per_frame, 1)
         return PromptTooLongError(n, sum(r.num_tokens for r in runs), len(runs), self.context_length, items, fit)
 
     def _guide_for_constraints(self) -> Guide:

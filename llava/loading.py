@@ -119,10 +119,7 @@ class LoadedModel:
         if videos and self.video_token_id is None:  # frames read as images: <video> becomes one <image> per frame
             order = media_order("".join(m["content"] for m in normalize_messages(messages)))
             messages = videos_as_images(messages, [len(v) for v in videos])
-            if order.count("image") == len(images):
-                its, itv = iter(images), iter(videos)
-                images = [im for kind in order for im in ([next(its)] if kind == "image" else next(itv))]
-            videos = []
+            images, videos = frames_as_images(order, images, videos), []
         rendered = render(
             messages, self.template, self.tokenizer,
             image_token_counts=[im.num_tokens for im in images],
@@ -130,6 +127,16 @@ class LoadedModel:
             add_generation_prompt=add_generation_prompt,
         )
         return Prompt(rendered, list(images), videos)
+
+
+def frames_as_images(order: Sequence[str], images: Sequence[ProcessedImage], videos: Sequence) -> list[ProcessedImage]:
+    """Images and videos' frames (lists of ProcessedImage) as one image list in prompt `order` ("image" / "video"
+    per marker, `llava.templates.media_order`); counts that do not match the markers are left for the renderer's
+    count check to name."""
+    if order.count("image") != len(images) or order.count("video") != len(videos):
+        return list(images)
+    its, itv = iter(images), iter(videos)
+    return [im for kind in order for im in ([next(its)] if kind == "image" else next(itv))]
 
 
 def quantization_config(quantization: str | None, compute_dtype: torch.dtype):

@@ -70,6 +70,14 @@ class PromptTooLongError(InvalidRequestError):
         )
 
 
+def frames_that_fit(context_length: int, prompt_tokens: int, video_tokens: int, tokens_per_frame: int,
+                    fixed_tokens: int = 0) -> int:
+    """The most frames of a video (of `video_tokens` now, `fixed_tokens` of them not per frame, e.g. a newline) with
+    which a prompt of `prompt_tokens` would leave one position to generate in the context."""
+    room = context_length - 1 - (prompt_tokens - video_tokens) - fixed_tokens
+    return max(0, min((video_tokens - fixed_tokens) // tokens_per_frame - 1, room // tokens_per_frame))
+
+
 class ImageFeatureMismatchError(EngineError):
     """The vision encoder produced a different number of feature rows than the prompt has image tokens."""
 

@@ -21,7 +21,12 @@ http://127.0.0.1:21001] [--api-keys KEY1,KEY2] [--allow-image-urls --image-url-m
   max_tokens). Images sent again by id: `usage.prompt_tokens_details.image_ids` lists each image's id; a later
   image part may be {"type": "image_url", "image_url": {"url": "llava-image://<id>"}} (or vLLM's {"type":
   "image_url", "uuid": "<id>"}), served from the worker's feature cache (404 `unknown_image` once evicted).
-  Extensions: top_k, repetition_penalty, image_mode.
+  Video: {"type": "video_url", "video_url": {"url": "data:video/mp4;base64,..."}} (mp4 / webm / mkv / mov / avi;
+  http(s) only with --allow-image-urls, capped by --video-url-max-bytes), one `<video>` marker where it stands; the
+  worker decodes it (PyAV) and samples `max_frames` frames uniformly (default: the model's); broken, empty, oversized,
+  over-long or non-video files are a 400 `bad_video` naming the cause. `usage.prompt_tokens_details.image_tokens`
+  counts the frames' tokens too.
+  Extensions: top_k, repetition_penalty, image_mode, max_frames.
 - Errors: {"error": {"message", "type", "code", "param"}} with the worker's status (400 bad image, 404 unknown model,
   401 bad key...); an error after streaming began is one SSE event `data: {"error": {...}}` (the SDK raises it).
 - With --api-keys, every /v1 request needs `Authorization: Bearer <key>`.
@@ -48,7 +53,8 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from llava.config import MAX_TOP_LOGPROBS
 from llava.image_data import MAX_IMAGE_BYTES
-from llava.templates import IMAGE_PLACEHOLDER
+from llava.templates import IMAGE_PLACEHOLDER, VIDEO_PLACEHOLDER
+from llava.video import MAX_VIDEO_BYTES
 from serve.common import (
     AUTH_TOKEN_HELP, DEFAULT_MAX_BODY_BYTES, FRAME_DELIMITER, aiter_chunks, auth_headers, fetch_image_url,
     iter_chunks, parse_body, resolve_token, run_server, server_parser, setup_logging,
@@ -72,12 +78,13 @@ class ImageURL(BaseModel):
 
 
 class ContentPart(BaseModel):
-    type: Literal["text", "image_url"]
+    type: Literal["text", "image_url", "video_url"]
     text: str | None = None
     uuid: str | None = None  # with no image_url: the id of an image sent before (usage.image_ids)
     image_url: ImageURL | None = None
+    video_url: ImageURL | None = None
 
-    @field_validator("image_url", mode="before")
+    @field_validator("image_url", "video_url", mode="before")
     @classmethod
     def _bare_url(cls, value):
         return {"url": value} if isinstance(value, str) else value  # Ollama's clients send the URL as a string
@@ -144,6 +151,7 @@ class ChatCompletionRequest(BaseModel):
     guided_choice: list[str] | None = None
     guided_grammar: str | None = None
     image_mode: Literal["pad", "resize", "crop", "anyres", "default"] | None = None
+    max_frames: int | None = Field(None, ge=1)  # frames sampled from each video (default: the model's)
 
 
 class AdapterRequest(BaseModel):
@@ -168,6 +176,7 @@ class OpenAIConfig:
     allow_image_urls: bool = field(default=False, metadata={"help": "fetch http(s) image_url parts"})
     image_url_max_bytes: int = MAX_IMAGE_BYTES
     image_url_timeout: float = 10.0
+    video_url_max_bytes: int = MAX_VIDEO_BYTES
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
     default_max_tokens: int = 256
     auth_token: str | None = field(default=None, metadata={"help": AUTH_TOKEN_HELP})
@@ -224,10 +233,35 @@ async def image_payload(config: OpenAIConfig, url: str, index: int) -> str:
                                           f"{IMAGE_REF_SCHEME}<id> (an id from a previous reply's usage)")
 
 
+async def video_payload(config: OpenAIConfig, url: str, index: int) -> str:
+    """What the worker receives for a video_url: a data: URI as it is; http(s) fetched here (if enabled)."""
+    if url.startswith("data:"):
+        return url
+    if url.startswith(("http://", "https://")):
+        if not config.allow_image_urls:
+            raise ServeError(ErrorCode.BAD_VIDEO, f"video {index}: http(s) URLs are disabled on this server; send a "
+                                                  f"data: URI (or start the server with --allow-image-urls)")
+        try:
+            data = await asyncio.to_thread(fetch_image_url, url, max_bytes=config.video_url_max_bytes,
+                                           timeout=config.image_url_timeout)
+        except ServeError as e:
+            raise ServeError(ErrorCode.BAD_VIDEO, f"video {index}: {e.message}") from None
+        return base64.b64encode(data).decode()
+    raise ServeError(ErrorCode.BAD_VIDEO, f"video {index}: video_url must be a data: URI or an http(s) URL")
+
+
 async def to_worker_messages(config: OpenAIConfig, messages: list[Message]) -> tuple[list[dict], list[str]]:
     """Worker messages (content strings with `<image>` markers) and the images, in marker order."""
+    out, images, _ = await to_worker_media(config, messages)
+    return out, images
+
+
+async def to_worker_media(config: OpenAIConfig, messages: list[Message]) -> tuple[list[dict], list[str], list[str]]:
+    """Worker messages (content strings with `<image>` / `<video>` markers), the images and the videos, each in
+    marker order."""
     out: list[dict] = []
     images: list[str] = []
+    videos: list[str] = []
     for i, msg in enumerate(messages):
         role = "system" if msg.role == "developer" else msg.role
         if msg.content is None or isinstance(msg.content, str):
@@ -237,6 +271,12 @@ async def to_worker_messages(config: OpenAIConfig, messages: list[Message]) -> t
         for part in msg.content:
             if part.type == "text":
                 pieces.append(part.text or "")
+            elif part.type == "video_url":
+                if part.video_url is None:
+                    raise ServeError(ErrorCode.INVALID_PARAMS,
+                                     f"invalid request: messages.{i}: video_url part without video_url")
+                videos.append(await video_payload(config, part.video_url.url, len(videos)))
+                pieces.append(VIDEO_PLACEHOLDER)
             elif part.image_url is None and part.uuid:  # vLLM's way to refer to an image sent before
                 images.append(await image_payload(config, IMAGE_REF_SCHEME + part.uuid, len(images)))
                 pieces.append(IMAGE_MARKER)
@@ -248,7 +288,7 @@ async def to_worker_messages(config: OpenAIConfig, messages: list[Message]) -> t
                 images.append(await image_payload(config, part.image_url.url, len(images)))
                 pieces.append(IMAGE_MARKER)
         out.append({"role": role, "content": "\n".join(pieces)})
-    return out, images
+    return out, images, videos
 
 
 def structured_of(req: ChatCompletionRequest) -> dict | None:
@@ -279,11 +319,12 @@ def structured_of(req: ChatCompletionRequest) -> dict | None:
 async def worker_payload(config: OpenAIConfig, req: ChatCompletionRequest) -> dict:
     if req.top_logprobs is not None and not req.logprobs:
         raise ServeError(ErrorCode.INVALID_PARAMS, "invalid request: top_logprobs: needs logprobs set to true")
-    messages, images = await to_worker_messages(config, req.messages)
+    messages, images, videos = await to_worker_media(config, req.messages)
     given = [t for t in (req.max_completion_tokens, req.max_tokens) if t is not None]
     max_tokens = given[0] if given else config.default_max_tokens  # 0 or less is refused by the worker
     return {
-        "model": req.model, "messages": messages, "images": images, "temperature": req.temperature,
+        "model": req.model, "messages": messages, "images": images, "videos": videos, "max_frames": req.max_frames,
+        "temperature": req.temperature,
         "top_p": req.top_p, "top_k": req.top_k, "repetition_penalty": req.repetition_penalty,
         "max_new_tokens": max_tokens, "stop": req.stop, "seed": req.seed, "image_mode": req.image_mode,
         "logprobs": (req.top_logprobs or 0) if req.logprobs else None, "structured": structured_of(req),

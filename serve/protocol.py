@@ -68,6 +68,7 @@ class ErrorCode(IntEnum):
     GENERATION_FAILED = 52  # the engine failed while generating
     TOO_MANY_IMAGES = 53  # more images in one request than the server allows (--max-images)
     UNKNOWN_IMAGE = 54  # an image sent by id that this worker has not encoded, or no longer holds
+    BAD_VIDEO = 55  # not a video, empty, broken, over the byte / duration / frame limits, or no video decoder here
 
 
 ERROR_STATUS: dict[ErrorCode, int] = {
@@ -90,6 +91,7 @@ ERROR_STATUS: dict[ErrorCode, int] = {
     ErrorCode.GENERATION_FAILED: 500,
     ErrorCode.UNKNOWN_IMAGE: 404,
     ErrorCode.TOO_MANY_IMAGES: 400,
+    ErrorCode.BAD_VIDEO: 400,
 }
 
 
@@ -186,8 +188,18 @@ class SamplingFields(BaseModel):
     structured: StructuredOutput | None = None  # the output must match it (llava.structured)
 
 
-class GenerateStreamRequest(SamplingFields):
-    """LLaVA's `/worker_generate_stream`: `prompt` is already templated and holds one `<image>` per image."""
+class VideoFields(BaseModel):
+    """Videos of both generate endpoints: base64 (or data: URIs) of mp4 / webm / mkv / mov / avi files, one per
+    `<video>` marker in order; `max_frames` sampled uniformly from each (default: the model's, capped by the
+    worker's --max-frames)."""
+
+    videos: list[str] = Field(default_factory=list)
+    max_frames: int | None = Field(None, ge=1)
+
+
+class GenerateStreamRequest(SamplingFields, VideoFields):
+    """LLaVA's `/worker_generate_stream`: `prompt` is already templated and holds one `<image>` per image (and one
+    `<video>` per video)."""
 
     prompt: str
     images: list[str] = Field(default_factory=list)  # base64 (or data: URIs)
@@ -200,7 +212,7 @@ class ChatMessage(BaseModel):
     content: str  # `<image>` markers say where the images go, in order
 
 
-class GenerateMessagesRequest(SamplingFields):
+class GenerateMessagesRequest(SamplingFields, VideoFields):
     """`/worker_generate_messages`: the worker renders `messages` with its model's own template."""
 
     messages: list[ChatMessage]

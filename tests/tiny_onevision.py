@@ -89,3 +89,24 @@ def save(model, tok, processor, path: Path) -> Path:
     tok.save_pretrained(path)
     processor.save_pretrained(path)
     return path
+
+
+def encode_video(n: int = 30, fmt: str = "mp4", codec: str = "mpeg4", size=(64, 48), fps: int = 10) -> bytes:
+    """A small video file whose frame i is one flat grey of level (8 * i) % 256 (so a frame says its index)."""
+    import io
+
+    import av
+    import numpy as np
+
+    buf = io.BytesIO()
+    with av.open(buf, mode="w", format=fmt) as container:
+        stream = container.add_stream(codec, rate=fps)
+        stream.width, stream.height = size
+        stream.pix_fmt = "yuv420p"
+        for i in range(n):
+            frame = np.full((size[1], size[0], 3), (8 * i) % 256, dtype=np.uint8)
+            for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    return buf.getvalue()
