@@ -196,6 +196,7 @@ class _LoraStacks:
         self.slot = {a: i for i, a in enumerate(self.adapters)}
         self.A: dict[str, list] = {}
         self.B: dict[str, list] = {}
+        self.spans = {}
         self.col_slot: dict[str, torch.Tensor] = {}
         for kind, projs in LORA_KINDS:
             layout, width, fan_in = [], 0, None
@@ -228,18 +229,33 @@ class _LoraStacks:
                 b_layers.append(b_all.to(device, dtype) if found else None)
             self.A[kind], self.B[kind] = a_layers, b_layers
             self.col_slot[kind] = torch.tensor([s for s, _, _, _, r in layout for _ in range(r)], device=device)
+            # adapter-major layout: each adapter's columns are one range, so a step computes only the span of the
+            # adapters its rows use (views, no copies); loaded but idle adapters cost nothing
+            spans: dict[int, tuple[int, int]] = {}
+            for s, _, _, col, r in layout:
+                lo, hi = spans.get(s, (col, col))
+                spans[s] = (min(lo, col), max(hi, col + r))
+            self.spans[kind] = spans
         self.dtype = dtype
 
-    def masks(self, slots: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Per projection kind, [rows, R]: 1 where the column belongs to the row's adapter (slot -1: none)."""
-        return {kind: (slots[:, None] == cols[None, :]).to(self.dtype) for kind, cols in self.col_slot.items()}
+    def masks(self, slots: torch.Tensor, active: set[int]) -> dict[str, tuple[int, int, torch.Tensor]]:
+        """Per projection kind: the column span [lo, hi) of the `active` adapters and a [rows, hi - lo] mask, 1
+        where the column belongs to the row's adapter (slot -1: none)."""
+        out = {}
+        for kind, cols in self.col_slot.items():
+            ranges = [self.spans[kind][s] for s in active if s in self.spans[kind]]
+            if ranges:
+                lo, hi = min(r[0] for r in ranges), max(r[1] for r in ranges)
+                out[kind] = (lo, hi, (slots[:, None] == cols[None, lo:hi]).to(self.dtype))
+        return out
 
-    def delta(self, kind: str, li: int, x: torch.Tensor, masks: dict[str, torch.Tensor] | None):
+    def delta(self, kind: str, li: int, x: torch.Tensor, masks: dict | None):
         """The rows' adapter products for the fused projection `kind` of layer `li` (None: nothing to add)."""
-        if masks is None or kind not in self.A or self.A[kind][li] is None:
+        if masks is None or kind not in masks or self.A[kind][li] is None:
             return None
-        a, b = self.A[kind][li], self.B[kind][li]
-        return (((x.to(self.dtype) @ a.T) * masks[kind]) @ b.T).to(x.dtype)
+        lo, hi, mask = masks[kind]
+        a, b = self.A[kind][li][lo:hi], self.B[kind][li][:, lo:hi]
+        return (((x.to(self.dtype) @ a.T) * mask) @ b.T).to(x.dtype)
 
 
 @dataclass
@@ -423,13 +439,13 @@ class LlamaRunner:
         self._stacks = (_LoraStacks(adapters, self._lora_out, self.num_layers, dtype, self.device)
                         if adapters else None)
 
-    def _lora_masks(self, adapters: list) -> dict[str, torch.Tensor] | None:
+    def _lora_masks(self, adapters: list) -> dict | None:
         """The masks of rows bound to `adapters` (one per row or token); None when none has an adapter."""
         if self._stacks is None or all(a is None for a in adapters):
             return None
         slot = self._stacks.slot
-        return self._stacks.masks(torch.tensor([slot[a] if a is not None else -1 for a in adapters],
-                                               device=self.device))
+        slots = [slot[a] if a is not None else -1 for a in adapters]
+        return self._stacks.masks(torch.tensor(slots, device=self.device), set(slots) - {-1})
 
     def _delta(self, kind: str, li: int, x: torch.Tensor, masks) -> torch.Tensor | None:
         return None if masks is None else self._stacks.delta(kind, li, x, masks)
