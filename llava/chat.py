@@ -6,6 +6,8 @@ Promises:
 - `add_user(text, images)` validates each image with `llava.images.load_image` (so a bad file is refused before it
   enters the conversation, with the `ImageError` naming why) and places one `<image>` marker per image before the
   text, as LLaVA does ("<image>\\nQuestion"), unless the text already holds exactly that many markers.
+- Videos work the same way (`<video>` markers, `videos` as encoded file bytes checked by `llava.video.probe_video`,
+  which reads the header only: frames are decoded where the model runs).
 - `to_messages()` is what renderers take (`llava.templates.render`, `LoadedModel.render`, the worker's
   /worker_generate_messages endpoint); `prompt_text(template)` is the templated text, rendered by
   `llava.templates.render_text` (nothing here formats turns itself).
@@ -22,7 +24,8 @@ from dataclasses import dataclass, field
 from PIL import Image
 
 from llava.images import MAX_IMAGE_BYTES, MAX_IMAGE_PIXELS, load_image
-from llava.templates import IMAGE_PLACEHOLDER, ImageCountError, Template, TemplateError, render_text
+from llava.templates import IMAGE_PLACEHOLDER, VIDEO_PLACEHOLDER, ImageCountError, Template, TemplateError, render_text
+from llava.video import MAX_VIDEO_BYTES, VideoError, probe_video
 
 ImageSource = bytes | str | os.PathLike | Image.Image
 
@@ -45,6 +48,21 @@ def image_bytes(src: ImageSource, *, max_bytes: int = MAX_IMAGE_BYTES, max_pixel
     return buf.getvalue()
 
 
+def video_bytes_of(src: bytes | str | os.PathLike, *, max_bytes: int = MAX_VIDEO_BYTES) -> bytes:
+    """Bytes of a video file (path or bytes) whose header is valid; `llava.video.VideoError` naming the cause."""
+    if isinstance(src, (bytes, bytearray)):
+        data = bytes(src)
+    else:
+        if not os.path.isfile(src):
+            raise VideoError(f"no such video file: {src}")
+        if os.path.getsize(src) > max_bytes:
+            raise VideoError(f"video too large: {os.path.getsize(src)} bytes exceeds the limit of {max_bytes}")
+        with open(src, "rb") as f:
+            data = f.read()
+    probe_video(data)
+    return data
+
+
 @dataclass
 class ChatSession:
     """A conversation: `messages` ({"role", "content"}) and `images` (encoded bytes, in `<image>` order)."""
@@ -52,32 +70,39 @@ class ChatSession:
     system: str | None = None  # None = the template's own system prompt
     messages: list[dict[str, str]] = field(default_factory=list)
     images: list[bytes] = field(default_factory=list)
+    videos: list[bytes] = field(default_factory=list)  # encoded video files, in `<video>` order
 
     # -- building
 
-    def add_user(self, text: str, images: Sequence[ImageSource] = ()) -> None:
-        """Append a user turn with `images` attached (markers placed before the text unless already in it)."""
+    def add_user(self, text: str, images: Sequence[ImageSource] = (), videos: Sequence = ()) -> None:
+        """Append a user turn with `images` and `videos` attached (markers placed before the text, images first,
+        unless already in it)."""
         if self.messages and self.messages[-1]["role"] == "user":
             raise ChatStateError("the last message is already from the user; add the assistant's reply first")
         encoded = [image_bytes(im) for im in images]
-        markers = text.count(IMAGE_PLACEHOLDER)
-        if markers and markers != len(encoded):
-            raise ImageCountError(
-                f"the text has {markers} {IMAGE_PLACEHOLDER} marker(s) but {len(encoded)} image(s) were attached"
-            )
-        if not markers:
-            text = (IMAGE_PLACEHOLDER + "\n") * len(encoded) + text
+        clips = [video_bytes_of(v) for v in videos]
+        lead = ""
+        for marker, items, what in ((IMAGE_PLACEHOLDER, encoded, "image"), (VIDEO_PLACEHOLDER, clips, "video")):
+            markers = text.count(marker)
+            if markers and markers != len(items):
+                raise ImageCountError(
+                    f"the text has {markers} {marker} marker(s) but {len(items)} {what}(s) were attached"
+                )
+            if not markers:
+                lead += (marker + "\n") * len(items)
+        text = lead + text
         if not text.strip():
-            raise ChatStateError("a user message needs text or an image")
+            raise ChatStateError("a user message needs text, an image or a video")
         self.messages.append({"role": "user", "content": text})
         self.images.extend(encoded)
+        self.videos.extend(clips)
 
     def add_assistant(self, text: str) -> None:
         if not self.messages or self.messages[-1]["role"] != "user":
             raise ChatStateError("an assistant reply must follow a user message")
-        if IMAGE_PLACEHOLDER in text:
-            # a reply that echoes the marker would shift every later image by one
-            text = text.replace(IMAGE_PLACEHOLDER, "<img>")
+        if IMAGE_PLACEHOLDER in text or VIDEO_PLACEHOLDER in text:
+            # a reply that echoes a marker would shift every later image (video) by one
+            text = text.replace(IMAGE_PLACEHOLDER, "<img>").replace(VIDEO_PLACEHOLDER, "<vid>")
         self.messages.append({"role": "assistant", "content": text})
 
     def pop_user(self) -> tuple[str, list[bytes]]:
@@ -88,6 +113,7 @@ class ChatSession:
         n = msg["content"].count(IMAGE_PLACEHOLDER)
         taken = self.images[len(self.images) - n:] if n else []
         del self.images[len(self.images) - n:]
+        del self.videos[len(self.videos) - msg["content"].count(VIDEO_PLACEHOLDER):]
         return msg["content"], taken
 
     def pop_assistant(self) -> str:
@@ -100,6 +126,7 @@ class ChatSession:
         """Forget messages and images (the system prompt stays)."""
         self.messages.clear()
         self.images.clear()
+        self.videos.clear()
 
     # -- reading
 

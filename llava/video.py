@@ -1,7 +1,8 @@
 """Video files as clients send them (mp4 / webm / mkv / mov / avi bytes), decoded into uniformly sampled RGB frames.
 
 Promises:
-- `decode_video(data, max_frames)` returns `DecodedVideo` (PIL frames, duration, how many frames the file has) or
+- `probe_video(data)` checks the container, stream and limits without decoding (front ends validate with it);
+  `decode_video(data, max_frames)` returns `DecodedVideo` (PIL frames, duration, how many frames the file has) or
   raises `VideoError` naming the cause: not a video (or an image / audio-only file), empty (no frame decodes),
   broken (the decoder fails), over the byte / duration / frame-size limits of `VideoLimits`. Limits are checked
   from the container's header and packet index before any frame is decoded.
@@ -77,33 +78,20 @@ def _av():
     return av
 
 
+def probe_video(data: bytes, limits: VideoLimits = VideoLimits()) -> float:
+    """Check a video file's container, stream and limits from its header, decoding nothing; its duration (s)."""
+    av = _av()
+    with _open(av, data, limits) as container:
+        return _check(container, limits)
+
+
 def decode_video(data: bytes, max_frames: int, limits: VideoLimits = VideoLimits()) -> DecodedVideo:
     """Up to `max_frames` frames (capped by limits.max_frames) sampled uniformly from a video file's bytes."""
     av = _av()
-    if not data:
-        raise VideoError("video is empty (0 bytes)")
-    if len(data) > limits.max_bytes:
-        raise VideoError(f"video too large: {len(data)} bytes exceeds the limit of {limits.max_bytes}")
     n_wanted = max(1, min(int(max_frames), limits.max_frames))
-    try:
-        container = av.open(io.BytesIO(data), mode="r")
-    except av.error.FFmpegError as e:
-        raise VideoError(f"not a readable video (unknown container, or a truncated / corrupt file): {e}") from None
-    with container:
-        fmt = set(container.format.name.split(","))
-        if not fmt & VIDEO_FORMATS:
-            raise VideoError(f"not a video: container format {container.format.name!r}; accepted: "
-                             f"{', '.join(sorted(VIDEO_FORMATS))}")
-        if not container.streams.video:
-            raise VideoError(f"no video stream in the {container.format.name} file (audio only?)")
-        stream = container.streams.video[0]
-        width, height = stream.codec_context.width, stream.codec_context.height
-        if width * height > limits.max_pixels:
-            raise VideoError(f"video frames too large: {width}x{height} = {width * height} pixels > {limits.max_pixels}")
-        duration = _duration(container, stream)
-        if duration > limits.max_seconds:
-            raise VideoError(f"video too long: {duration:.1f} s exceeds the limit of {limits.max_seconds:g} s")
-        total = _count_packets(av, container, stream)
+    with _open(av, data, limits) as container:
+        duration = _check(container, limits)
+        total = _count_packets(av, container, container.streams.video[0])
     if total == 0:
         raise VideoError("video is empty: its video stream has no frames")
     wanted = sorted(set(np.linspace(0, total - 1, min(n_wanted, total)).round().astype(int).tolist()))
@@ -112,6 +100,34 @@ def decode_video(data: bytes, max_frames: int, limits: VideoLimits = VideoLimits
     if not frames:
         raise VideoError("video is empty or broken: no frame could be decoded")
     return DecodedVideo(frames, duration, total)
+
+
+def _open(av, data: bytes, limits: VideoLimits):
+    if not data:
+        raise VideoError("video is empty (0 bytes)")
+    if len(data) > limits.max_bytes:
+        raise VideoError(f"video too large: {len(data)} bytes exceeds the limit of {limits.max_bytes}")
+    try:
+        return av.open(io.BytesIO(data), mode="r")
+    except av.error.FFmpegError as e:
+        raise VideoError(f"not a readable video (unknown container, or a truncated / corrupt file): {e}") from None
+
+
+def _check(container, limits: VideoLimits) -> float:
+    """Format, video stream, frame size and duration against the limits; the duration."""
+    if not set(container.format.name.split(",")) & VIDEO_FORMATS:
+        raise VideoError(f"not a video: container format {container.format.name!r}; accepted: "
+                         f"{', '.join(sorted(VIDEO_FORMATS))}")
+    if not container.streams.video:
+        raise VideoError(f"no video stream in the {container.format.name} file (audio only?)")
+    stream = container.streams.video[0]
+    width, height = stream.codec_context.width, stream.codec_context.height
+    if width * height > limits.max_pixels:
+        raise VideoError(f"video frames too large: {width}x{height} = {width * height} pixels > {limits.max_pixels}")
+    duration = _duration(container, stream)
+    if duration > limits.max_seconds:
+        raise VideoError(f"video too long: {duration:.1f} s exceeds the limit of {limits.max_seconds:g} s")
+    return duration
 
 
 def _duration(container, stream) -> float:

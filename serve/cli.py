@@ -1,8 +1,9 @@
 """Multi-turn terminal chat with streamed replies, in-process or against a controller.
 
-Run: `python -m serve.cli --model-path PATH [--image-file FILE_OR_URL ...]` (loads the model here), or
-`python -m serve.cli --controller-url http://127.0.0.1:21001 [--model-name NAME]` (asks the controller's workers).
-Commands typed at the prompt: `/image PATH_OR_URL` attaches an image to the next message, `/clear` starts over,
+Run: `python -m serve.cli --model-path PATH [--image-file FILE_OR_URL ...] [--video-file FILE ...] [--max-frames N]`
+(loads the model here), or `python -m serve.cli --controller-url http://127.0.0.1:21001 [--model-name NAME]` (asks
+the controller's workers). Commands typed at the prompt: `/image PATH_OR_URL` attaches an image to the next message,
+`/video PATH` a video (mp4 / webm / mkv / mov / avi; frames sampled where the model runs), `/clear` starts over,
 `/exit` (or end of input) quits. The conversation is a `llava.chat.ChatSession`, rendered by the model's own
 template (in-process through `ServingModel.prepare_messages`, remotely by the worker's /worker_generate_messages).
 Errors print their real cause and leave the conversation as it was before the failed message.
@@ -21,14 +22,15 @@ from typing import Protocol
 
 import httpx
 
-from llava.chat import ChatSession, ChatStateError, image_bytes
+from llava.chat import ChatSession, ChatStateError, image_bytes, video_bytes_of
 from llava.config import LoadOptions
 from llava.images import MAX_IMAGE_BYTES, ImageError
 from llava.templates import ImageCountError
+from llava.video import VideoError
 from serve.common import (
     add_config_args, add_precision_args, config_from_args, fetch_image_url, iter_chunks, parse_lora_module,
 )
-from serve.protocol import ErrorCode, SamplingFields, ServeError
+from serve.protocol import ErrorCode, GenerateMessagesRequest, SamplingFields, ServeError
 from serve.serving import ServingModel
 
 
@@ -60,7 +62,9 @@ class LocalBackend:
         self.serving.engine.shutdown()  # join the scheduler thread before the interpreter tears torch down
 
     def stream(self, session: ChatSession, fields: SamplingFields) -> Iterator[str]:
-        prepared = self.serving.prepare_messages(session.to_messages(), session.images, fields)
+        request = GenerateMessagesRequest(**fields.model_dump(), messages=session.to_messages(),
+                                          videos=[base64.b64encode(v).decode() for v in session.videos])
+        prepared = self.serving.prepare_messages(session.to_messages(), session.images, request)
         prepared.adapter = self.adapter
         handle = self.serving.submit(prepared)
         try:
@@ -99,6 +103,7 @@ class RemoteBackend:
         payload = {
             **fields.model_dump(exclude_none=True), "model": self.name, "messages": session.to_messages(),
             "images": [base64.b64encode(b).decode() for b in session.images],
+            "videos": [base64.b64encode(v).decode() for v in session.videos],
         }
         try:
             with self.client.stream("POST", self.url + "/worker_generate_messages", json=payload) as r:
@@ -136,7 +141,9 @@ def reply(backend: Backend, session: ChatSession, fields: SamplingFields, out) -
     session.add_assistant(text)
 
 
-def chat_loop(backend: Backend, session: ChatSession, fields: SamplingFields, pending: list[bytes], inp, out) -> None:
+def chat_loop(backend: Backend, session: ChatSession, fields: SamplingFields, pending: list[bytes], inp, out,
+              pending_videos: list[bytes] | None = None) -> None:
+    pending_videos = [] if pending_videos is None else pending_videos
     while True:
         out.write("USER: ")
         out.flush()
@@ -150,6 +157,7 @@ def chat_loop(backend: Backend, session: ChatSession, fields: SamplingFields, pe
         if command == "/clear":
             session.clear()
             pending.clear()
+            pending_videos.clear()
             out.write("(conversation cleared)\n")
             continue
         if command == "/image":
@@ -159,14 +167,22 @@ def chat_loop(backend: Backend, session: ChatSession, fields: SamplingFields, pe
             except (ImageError, ServeError) as e:
                 out.write(f"[error bad_image: {e}]\n")
             continue
+        if command == "/video":
+            try:
+                pending_videos.append(video_bytes_of(arg.strip()))
+                out.write(f"(video attached: {arg.strip()}; it goes with your next message)\n")
+            except VideoError as e:
+                out.write(f"[error bad_video: {e}]\n")
+            continue
         if not line.strip():
             continue
         try:
-            session.add_user(line, pending)
-        except (ImageError, ImageCountError, ChatStateError) as e:
+            session.add_user(line, pending, pending_videos)
+        except (ImageError, VideoError, ImageCountError, ChatStateError) as e:
             out.write(f"[error: {e}]\n")
             continue
         pending.clear()
+        pending_videos.clear()
         reply(backend, session, fields, out)
 
 
@@ -189,7 +205,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lora", type=parse_lora_module, default=None, metavar="NAME=PATH",
                    help="with --model-path: chat with this LoRA adapter on the model (a PEFT folder)")
     p.add_argument("--controller-url", default=None, help="chat through a controller instead of loading a model")
-    p.add_argument("--image-file", action="append", default=[], help="image path or URL for the first message")
+    p.add_argument("--image-file", action="append", default=[],
+                   help="image path or URL for the first message (repeat for several)")
+    p.add_argument("--video-file", action="append", default=[], help="video file for the first message (repeatable)")
+    p.add_argument("--max-frames", type=int, default=None,
+                   help="frames sampled from each video (default: the model's: 32 with a video token, else 16)")
     p.add_argument("--system", default=None, help="system prompt (default: the template's own)")
     p.add_argument("--temperature", type=float, default=0.2)
     p.add_argument("--top-p", type=float, default=0.7)
@@ -212,14 +232,20 @@ def main(argv: list[str] | None = None) -> None:
         pending = [load_image_arg(f) for f in args.image_file]
     except (ImageError, ServeError) as e:
         raise SystemExit(f"--image-file: {e}") from None
+    try:
+        pending_videos = [video_bytes_of(f) for f in args.video_file]
+    except VideoError as e:
+        raise SystemExit(f"--video-file: {e}") from None
     fields = SamplingFields(temperature=args.temperature, top_p=args.top_p, max_new_tokens=args.max_new_tokens,
                             seed=args.seed, structured=structured_arg(args))
+    if args.max_frames is not None:
+        fields = SamplingFields(**fields.model_dump(), max_frames=args.max_frames)  # a VideoFields value
     backend: Backend = (
         RemoteBackend(args.controller_url, args.model_name) if args.controller_url else LocalBackend(args)
     )
-    sys.stdout.write(f"chatting with {backend.name}; commands: /image PATH, /clear, /exit\n")
+    sys.stdout.write(f"chatting with {backend.name}; commands: /image PATH, /video PATH, /clear, /exit\n")
     try:
-        chat_loop(backend, ChatSession(system=args.system), fields, pending, sys.stdin, sys.stdout)
+        chat_loop(backend, ChatSession(system=args.system), fields, pending, sys.stdin, sys.stdout, pending_videos)
     finally:
         backend.close()
 

@@ -236,3 +236,33 @@ def test_openai_video_url_refusals(part, code):
     with pytest.raises(ServeError) as e:
         asyncio.run(worker_payload(OpenAIConfig(), req))
     assert e.value.code.name.lower() == code and e.value.status == 400
+
+
+# ------------------------------------------------------------------------------------------------ CLI
+
+
+def test_cli_attaches_videos_and_images_mid_conversation(onevision, tmp_path):
+    from llava.chat import ChatSession
+    from serve.cli import LocalBackend, chat_loop
+    from serve.protocol import SamplingFields
+
+    clip, broken, picture = tmp_path / "clip.webm", tmp_path / "broken.mp4", tmp_path / "red.png"
+    clip.write_bytes(tiny.encode_video(12, "webm", "libvpx"))
+    broken.write_bytes(b"\0" * 300)
+    Image.new("RGB", (40, 30), (255, 0, 0)).save(picture)
+    lm = onevision.loaded
+    backend = LocalBackend.__new__(LocalBackend)  # the in-process backend around an already loaded model
+    backend.serving = ServingModel(lm, Engine(lm.model, lm.tokenizer, eos_token_ids=[lm.tokenizer.eos_token_id]).start(), ["ov"])
+    backend.adapter, backend.name = None, "ov"
+    session, out = ChatSession(), io.StringIO()
+    script = f"/video {clip}\nwhat happens?\n/image {picture}\n/video {broken}\nand here?\n/exit\n"
+    try:
+        chat_loop(backend, session, SamplingFields(temperature=0, max_new_tokens=3, max_frames=5),
+                  [], io.StringIO(script), out, [])
+    finally:
+        backend.close()
+    text = out.getvalue()
+    assert "(video attached" in text and "(image attached" in text and "[error bad_video: not a readable video" in text
+    assert "[error" not in text.replace("[error bad_video", "")
+    assert [m["content"].split("\n")[0] for m in session.messages[::2]] == ["<video>", "<image>"]
+    assert len(session.videos) == 1 and len(session.images) == 1 and session.num_turns == 2
