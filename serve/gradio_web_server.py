@@ -8,15 +8,17 @@ Promises:
   `WebChat`; the chat display is re-derived from it, so what is shown is what the model is sent. Prompts are never
   formatted here: the messages go to the controller's `/worker_generate_messages`, and the worker renders them with
   its model's own template.
-- Several images per conversation: each turn may attach images (an upload never wipes the chat); earlier images stay
-  in the conversation, in `<image>` order.
+- Several images and videos per conversation: each turn may attach images and videos (an upload never wipes the
+  chat); earlier ones stay in the conversation, in marker order. Images show in the chat, a video as a player; after
+  each reply the tokens each image and video cost are shown (the worker's `usage`).
 - Replies stream; Stop cancels the request (the worker stops generating when the stream closes) and keeps the text
   shown so far in the conversation; Regenerate replaces the last reply; Clear starts a new conversation.
 - Errors are shown in the chat with the server's stable code, its name and the message naming the real cause
   (no generic "network error").
 - Logs: `<log-dir>/<UTC date>-conv.jsonl`, one JSON object per event (replies, votes, flags), appended and flushed
   per event, so a killed server loses nothing it already showed; images are saved once as `<log-dir>/images/<sha256
-  of the uploaded bytes>.png`. The client IP is logged only with --log-ip.
+  of the uploaded bytes>.png`, videos as `<log-dir>/videos/<sha256>.<ext>`. The client IP is logged only with
+  --log-ip.
 - Binds 127.0.0.1 unless --host says otherwise.
 """
 
@@ -41,16 +43,18 @@ import gradio as gr
 import httpx
 from PIL import Image
 
-from llava.chat import ChatSession, ChatStateError, image_bytes
+from llava.chat import ChatSession, ChatStateError, image_bytes, video_bytes_of
 from llava.config import assets_root
 from llava.images import ImageError
-from llava.templates import IMAGE_PLACEHOLDER, ImageCountError
+from llava.templates import IMAGE_PLACEHOLDER, VIDEO_PLACEHOLDER, ImageCountError, media_order
+from llava.video import VideoError
 from serve.common import aiter_chunks, config_from_args, server_parser, setup_logging
 from serve.protocol import DEFAULT_CONTROLLER_URL, ErrorCode, ServeError
 
 logger = setup_logging("serve.gradio_web_server")
 
 IMAGE_MODES = ("default", "pad", "resize", "crop")  # "default" = the model's own preprocessing
+VIDEO_SUFFIXES = (".mp4", ".webm", ".mkv", ".mov", ".avi")  # attachments read as videos (llava.video's containers)
 DEFAULT_TEMPERATURE = 0.2
 DEFAULT_TOP_P = 0.7
 DEFAULT_MAX_TOKENS = 512
@@ -95,6 +99,9 @@ class WebChat:
     conv_id: str = field(default_factory=lambda: uuid.uuid4().hex)
     image_paths: list[str] = field(default_factory=list)  # display copies, parallel to session.images
     image_shas: list[str] = field(default_factory=list)  # names of the logged copies, parallel to session.images
+    video_paths: list[str] = field(default_factory=list)  # parallel to session.videos
+    video_shas: list[str] = field(default_factory=list)
+    costs: str = ""  # what the last reply's prompt cost, per image and video (shown under the chat)
     error: str | None = None  # shown after the messages until the next action
     streaming: Streaming | None = None
     voted: bool = False  # one vote/flag per reply
@@ -103,20 +110,26 @@ class WebChat:
     def generating(self) -> bool:
         return self.streaming is not None
 
-    def add_user(self, text: str, images: Sequence[bytes], paths: Sequence[str], shas: Sequence[str]) -> None:
-        """A user turn with `images` (encoded bytes) shown from `paths` and logged as `shas`."""
+    def add_user(self, text: str, images: Sequence[bytes], paths: Sequence[str], shas: Sequence[str],
+                 videos: Sequence[bytes] = (), video_paths: Sequence[str] = (), video_shas: Sequence[str] = ()) -> None:
+        """A user turn with `images` / `videos` (encoded bytes) shown from `paths` and logged as `shas`."""
         if self.session.awaiting_reply:
             # a turn whose reply failed or was stopped before any text: the new message replaces it
             self.drop_pending_user()
-        self.session.add_user(text, images)
+        self.session.add_user(text, images, videos)
         self.image_paths.extend(paths)
         self.image_shas.extend(shas)
+        self.video_paths.extend(video_paths)
+        self.video_shas.extend(video_shas)
 
     def drop_pending_user(self) -> None:
+        n_videos = len(self.session.videos)
         _, taken = self.session.pop_user()
         if taken:
             del self.image_paths[-len(taken):]
             del self.image_shas[-len(taken):]
+        del self.video_paths[len(self.session.videos):n_videos]
+        del self.video_shas[len(self.session.videos):n_videos]
 
     @property
     def has_reply(self) -> bool:
@@ -134,20 +147,40 @@ def format_error(err: ServeError) -> str:
 def render(chat: WebChat, partial: str | None = None) -> list[dict[str, Any]]:
     """gr.Chatbot messages for the conversation (+ a reply being streamed, + the last error)."""
     out: list[dict[str, Any]] = []
-    paths = iter(chat.image_paths)
+    paths = {"image": iter(chat.image_paths), "video": iter(chat.video_paths)}  # a video path shows as a player
     for m in chat.session.messages:
         if m["role"] == "assistant":
             out.append({"role": "assistant", "content": m["content"] or "_(empty reply)_"})
             continue
-        n = m["content"].count(IMAGE_PLACEHOLDER)
-        text = m["content"].replace(IMAGE_PLACEHOLDER + "\n", "").replace(IMAGE_PLACEHOLDER, "").strip()
-        content: list[Any] = [{"path": next(paths)} for _ in range(n)]
+        text = m["content"]
+        for marker in (IMAGE_PLACEHOLDER, VIDEO_PLACEHOLDER):
+            text = text.replace(marker + "\n", "").replace(marker, "")
+        content: list[Any] = [{"path": next(paths[kind])} for kind in media_order(m["content"])]
+        text = text.strip()
         out.append({"role": "user", "content": content + [text] if text else content})
     if partial is not None:
         out.append({"role": "assistant", "content": partial})
     if chat.error:
         out.append({"role": "assistant", "content": f"**⚠ {chat.error}**"})
     return out
+
+
+def token_costs(usage: dict | None) -> str | None:
+    """What the prompt cost, per image and video when the worker lists them ("image 1: 64 tokens, video 1: 16
+    frames, 1024 tokens, text: 52 tokens"), else the images' and videos' total."""
+    if not usage:
+        return None
+    media, total = usage.get("media") or [], usage.get("prompt_tokens", 0)
+    visual = usage.get("image_tokens", 0)
+    if not media:
+        return f"prompt: {total} tokens, {visual} of them for images/video frames"
+    seen = {"image": 0, "video": 0}
+    parts = []
+    for item in media:
+        seen[item["type"]] = seen.get(item["type"], 0) + 1
+        frames = f"{item['frames']} frames, " if item.get("frames") else ""
+        parts.append(f"{item['type']} {seen[item['type']]}: {frames}{item['tokens']} tokens")
+    return f"prompt {total} tokens — " + ", ".join(parts) + f", text: {total - visual} tokens"
 
 
 def button_updates(chat: WebChat, busy: bool = False) -> tuple:
@@ -194,12 +227,26 @@ class EventLog:
             os.replace(tmp, target)  # readers never see a half-written file
         return sha
 
+    def save_video(self, data: bytes, suffix: str) -> str:
+        """Store the video as <sha256 of its bytes><suffix> (once) and return the sha."""
+        sha = hashlib.sha256(data).hexdigest()
+        target = self.dir / "videos" / f"{sha}{suffix}"
+        if not target.exists():
+            target.parent.mkdir(exist_ok=True)
+            tmp = target.with_suffix(f".{uuid.uuid4().hex}.tmp")
+            tmp.write_bytes(data)
+            os.replace(tmp, target)
+        return sha
+
 
 def conversation_record(chat: WebChat, model: str | None) -> dict[str, Any]:
-    return {
+    record = {
         "conv_id": chat.conv_id, "model": model, "messages": chat.session.to_messages(),
         "images": list(chat.image_shas),
     }
+    if chat.video_shas:
+        record["videos"] = list(chat.video_shas)
+    return record
 
 
 # ----------------------------------------------------------------------------------------------- controller I/O
@@ -266,16 +313,20 @@ class ChatHandlers:
         return gr.update(choices=models, value=value), ""
 
     def add_text(self, chat: WebChat, message: dict | None):
-        """Add the user's turn (text + attached images) to the conversation."""
+        """Add the user's turn (text + attached images and videos) to the conversation."""
         message = message or {}
         text, files = (message.get("text") or "").strip(), list(message.get("files") or [])
         chat.error = None
         try:
             if chat.generating:
                 raise ChatStateError("a reply is still being generated; wait for it or press Stop")
-            data = [image_bytes(path) for path in files]  # validated first: a bad file is refused, not logged
-            chat.add_user(text, data, files, [self.log.save_image(d) for d in data])
-        except (ImageError, ImageCountError, ChatStateError, OSError) as e:
+            videos = [f for f in files if Path(f).suffix.lower() in VIDEO_SUFFIXES]
+            images = [f for f in files if f not in videos]
+            # validated first: a bad file is refused, not logged
+            data, clips = [image_bytes(path) for path in images], [video_bytes_of(path) for path in videos]
+            chat.add_user(text, data, images, [self.log.save_image(d) for d in data], clips, videos,
+                          [self.log.save_video(c, Path(v).suffix.lower()) for c, v in zip(clips, videos)])
+        except (ImageError, VideoError, ImageCountError, ChatStateError, OSError) as e:
             chat.error = f"{type(e).__name__}: {e}"
             return chat, render(chat), gr.update(), *button_updates(chat)
         chat.voted = False
@@ -291,9 +342,9 @@ class ChatHandlers:
     def clear(self, chat: WebChat):
         if chat.generating:
             chat.error = "a reply is still being generated; press Stop first"
-            return chat, render(chat), gr.update(), *button_updates(chat)
+            return chat, render(chat), gr.update(), *button_updates(chat), chat.costs
         fresh = WebChat()
-        return fresh, render(fresh), gr.update(value=None), *button_updates(fresh)
+        return fresh, render(fresh), gr.update(value=None), *button_updates(fresh), ""
 
     def stopped(self, chat: WebChat, request: gr.Request):
         """Stop (its event cancels the streaming one): keep the text shown so far as the reply."""
@@ -309,6 +360,7 @@ class ChatHandlers:
         complete = outcome["finish_reason"] in ("stop", "length")
         if chat.session.messages and chat.session.messages[-1] is s.pending and (s.text or complete):
             chat.session.add_assistant(s.text)
+            chat.costs = token_costs(outcome.get("usage")) or chat.costs
         self.log.write({
             "type": "chat", **conversation_record(chat, s.record["model"]), **s.record, "finish": time.time(),
             **outcome,
@@ -329,21 +381,22 @@ class ChatHandlers:
                            json_schema: str = ""):
         """Stream the reply to the pending user turn (as JSON, or JSON under a schema, when asked)."""
         if not chat.session.awaiting_reply or chat.generating:
-            yield chat, render(chat), *button_updates(chat)
+            yield chat, render(chat), chat.costs, *button_updates(chat)
             return
         if not model:
             chat.error = "no model selected: pick one in the Model list (press Refresh if it is empty)"
-            yield chat, render(chat), *button_updates(chat)
+            yield chat, render(chat), chat.costs, *button_updates(chat)
             return
         try:
             structured = structured_field(output_format, json_schema)
         except ValueError as e:
             chat.error = str(e)
-            yield chat, render(chat), *button_updates(chat)
+            yield chat, render(chat), chat.costs, *button_updates(chat)
             return
         payload = {
             "model": model, "messages": chat.session.to_messages(),
             "images": [base64.b64encode(b).decode() for b in chat.session.images],
+            "videos": [base64.b64encode(v).decode() for v in chat.session.videos],
             "temperature": float(temperature), "top_p": float(top_p), "max_new_tokens": int(max_new_tokens),
             "image_mode": image_mode, "structured": structured,
         }
@@ -353,20 +406,20 @@ class ChatHandlers:
         s = Streaming(chat.session.messages[-1], {"model": model, "params": params, "start": time.time()})
         chat.streaming, chat.error = s, None
         outcome: dict[str, Any] = {"finish_reason": "stopped"}  # stays so if the event is cancelled (Stop)
-        yield chat, render(chat, ""), *button_updates(chat)
+        yield chat, render(chat, ""), chat.costs, *button_updates(chat)
         try:
             async for chunk in self.controller.stream_messages(payload):
                 s.text = chunk.get("text", s.text)
                 if chunk.get("finish_reason"):
                     outcome = {"finish_reason": chunk["finish_reason"], "usage": chunk.get("usage")}
-                yield chat, render(chat, s.text), *button_updates(chat)
+                yield chat, render(chat, s.text), chat.costs, *button_updates(chat)
         except ServeError as e:
             chat.error = format_error(e)
             outcome = {"finish_reason": "error", "error": {"code": int(e.code), "message": e.message}}
         finally:
             # success, error and cancellation alike (a no-op when Stop already kept the reply)
             self.finish_reply(chat, s, outcome, request)
-        yield chat, render(chat), *button_updates(chat)
+        yield chat, render(chat), chat.costs, *button_updates(chat)
 
 
 OUTPUT_FORMATS = ("text", "JSON", "JSON schema")
@@ -445,9 +498,10 @@ def build_demo(config: WebConfig) -> gr.Blocks:
             with gr.Column(scale=3):
                 chatbot = gr.Chatbot(label="LLaVA", elem_id="llava-chatbot", height=480, feedback_options=None,
                                      buttons=["copy"])
+                costs = gr.Markdown(elem_id="token-costs")  # tokens of each image / video in the last prompt
                 textbox = gr.MultimodalTextbox(
-                    placeholder="Ask about the image(s)… attach one or more with the clip button",
-                    file_types=["image"], file_count="multiple", show_label=False, elem_id="chat-input",
+                    placeholder="Ask about the image(s) or video… attach one or more with the clip button",
+                    file_types=["image", "video"], file_count="multiple", show_label=False, elem_id="chat-input",
                 )
                 with gr.Row():
                     upvote_btn = gr.Button("Upvote", interactive=False, elem_id="upvote-btn")
@@ -462,7 +516,7 @@ def build_demo(config: WebConfig) -> gr.Blocks:
 
         buttons = [upvote_btn, downvote_btn, flag_btn, regenerate_btn, clear_btn]
         gen_inputs = [chat_state, model, temperature, top_p, max_tokens, image_mode, output_format, json_schema]
-        gen_outputs = [chat_state, chatbot, *buttons]
+        gen_outputs = [chat_state, chatbot, costs, *buttons]
 
         refresh_args = dict(fn=h.refresh_models, inputs=[model], outputs=[model, model_notice])
         refresh_btn.click(**refresh_args, api_name="refresh_models")
@@ -476,9 +530,9 @@ def build_demo(config: WebConfig) -> gr.Blocks:
         regen_gen = regen.then(h.bot_response, gen_inputs, gen_outputs, api_visibility="private")
         stop_btn.click(h.stopped, [chat_state], [chat_state, chatbot, *buttons], cancels=[submit_gen, regen_gen],
                        api_name="stop")
-        clear_btn.click(h.clear, [chat_state], [chat_state, chatbot, textbox, *buttons], api_name="clear")
+        clear_btn.click(h.clear, [chat_state], [chat_state, chatbot, textbox, *buttons, costs], api_name="clear")
         # the chatbot's own trash icon must clear the conversation too, not just the display
-        chatbot.clear(h.clear, [chat_state], [chat_state, chatbot, textbox, *buttons], api_visibility="private")
+        chatbot.clear(h.clear, [chat_state], [chat_state, chatbot, textbox, *buttons, costs], api_visibility="private")
         for btn, kind in ((upvote_btn, "upvote"), (downvote_btn, "downvote"), (flag_btn, "flag")):
             btn.click(h.vote(kind), [chat_state, model], [chat_state, *buttons], api_name=kind)
     demo.queue(default_concurrency_limit=config.concurrency_count)

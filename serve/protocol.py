@@ -225,12 +225,18 @@ class Usage:
     completion_tokens: int
     image_tokens: int
     image_ids: tuple[str, ...] = ()  # each image's id: send `llava-image://<id>` later instead of the image
+    # (kind "image" | "video", tokens, frames or None) of each image and video in prompt order (`Prepared.media`)
+    media: tuple[tuple[str, int, int | None], ...] = ()
 
     def to_dict(self) -> dict:
-        return {
+        d = {
             "prompt_tokens": self.prompt_tokens,
             "completion_tokens": self.completion_tokens,
             "total_tokens": self.prompt_tokens + self.completion_tokens,
-            "image_tokens": self.image_tokens,
+            "image_tokens": self.image_tokens,  # images' and videos' tokens
             "image_ids": list(self.image_ids),
         }
+        if self.media:
+            d["media"] = [{"type": kind, "tokens": tokens, **({"frames": frames} if frames else {})}
+                          for kind, tokens, frames in self.media]
+        return d
