@@ -43,6 +43,9 @@ FRAME_DELIMITER = b"\0"
 STREAM_MEDIA_TYPE = "application/octet-stream"
 
 M = TypeVar("M", bound=BaseModel)
+# Idle keep-alive connections are closed after this long: well above clients' pool expiry (httpx: 5 s, the same as
+# uvicorn's default, so a pooled POST could meet a connection the server was closing and fail with a ReadError).
+KEEP_ALIVE_SECONDS = 75
 AUTH_TOKEN_ENV = "LLAVA_AUTH_TOKEN"
 AUTH_TOKEN_HELP = (f"shared secret of the controller, its workers and the API server (default: ${AUTH_TOKEN_ENV}); "
                    "when set, nothing without it can register a worker or call one")
@@ -429,7 +432,8 @@ def run_server(parser: argparse.ArgumentParser, config_cls, create_app, argv: li
     import uvicorn
 
     args = parser.parse_args(argv)
-    uvicorn.run(create_app(config_from_args(config_cls, args)), host=args.host, port=args.port, log_level="warning")
+    uvicorn.run(create_app(config_from_args(config_cls, args)), host=args.host, port=args.port, log_level="warning",
+                timeout_keep_alive=KEEP_ALIVE_SECONDS)
 
 
 def config_from_args(cls, args: argparse.Namespace, **fixed):

@@ -58,9 +58,10 @@ from llava.images import MAX_IMAGE_BYTES, MAX_IMAGE_PIXELS
 from pydantic import BaseModel
 
 from serve.common import (
-    AUTH_TOKEN_HELP, DEFAULT_MAX_BODY_BYTES, STREAM_MEDIA_TYPE, add_config_args, add_engine_args, add_precision_args,
-    auth_headers, check_token, config_from_args, decode_image_payload, encode_chunk, engine_config_from_args,
-    error_response, parse_body, parse_lora_module, resolve_token, server_parser, setup_logging,
+    AUTH_TOKEN_HELP, DEFAULT_MAX_BODY_BYTES, KEEP_ALIVE_SECONDS, STREAM_MEDIA_TYPE, add_config_args, add_engine_args,
+    add_precision_args, auth_headers, check_token, config_from_args, decode_image_payload, encode_chunk,
+    engine_config_from_args, error_response, parse_body, parse_lora_module, resolve_token, server_parser,
+    setup_logging,
 )
 from serve.protocol import (
     DEFAULT_CONTROLLER_URL, ErrorCode, GenerateMessagesRequest, GenerateStreamRequest, ServeError, Usage, image_ref,
@@ -447,7 +448,7 @@ def main(argv: list[str] | None = None) -> None:
     logging.getLogger("httpx").setLevel(logging.WARNING)
     config = worker_config_from_args(args)
     app = create_upstream_worker_app(config) if config.backend == "openai" else create_app(config)
-    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning", timeout_keep_alive=KEEP_ALIVE_SECONDS)
 
 
 if __name__ == "__main__":
