@@ -1,0 +1,214 @@
+"""train.scenes (the generated scenes data) and train.scenes_eval (its scorer): determinism, answers re-derived from
+the scene descriptions, layout, held-out paraphrases, balance, fonts, and the scorer's figures on a fixture."""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from train import scenes, scenes_eval
+from train.easyvqa import SHORT_ANSWER
+
+SIZE = 112
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("scenes")
+    scenes.generate(out, seed=5, n_train=260, n_test=90, image_size=SIZE)
+    return out
+
+
+def load(out: Path, name: str):
+    return json.loads((out / name).read_text())
+
+
+def question(row: dict) -> str:
+    text = row["conversations"][0]["value"].replace("<image>\n", "")
+    return text.replace("\n" + SHORT_ANSWER, "").lower()
+
+
+def named(text: str) -> list[tuple[str, str]]:
+    return re.findall(rf"\b({'|'.join(scenes.COLORS)}) ({'|'.join(scenes.SHAPES)})\b", text)
+
+
+def word_in(text: str, vocab) -> str | None:
+    hits = [w for w in vocab if re.search(rf"\b{w}s?\b", text)]
+    assert len(hits) <= 1, (text, hits)
+    return hits[0] if hits else None
+
+
+def expected(row: dict, found: dict[str, scenes.Scene]) -> str:
+    """The answer, from the question's words and the scene description alone."""
+    q, fam = question(row), row["family"]
+    images = row["image"] if isinstance(row["image"], list) else [row["image"]]
+    s = [found[i] for i in images]
+    objs = s[0].objects
+    if fam == "count":
+        colour, shape = word_in(q, scenes.COLORS), word_in(q, scenes.SHAPES)
+        return str(sum((colour in (None, o.colour)) and (shape in (None, o.shape)) for o in objs))
+    if fam == "position":
+        key = {"left": lambda o: o.x, "right": lambda o: -o.x, "top": lambda o: o.y, "highest": lambda o: o.y,
+               "bottom": lambda o: -o.y, "lowest": lambda o: -o.y}
+        (d,) = [k for k in key if re.search(rf"\b{k}(most)?\b", q)]
+        first, second = sorted(objs, key=key[d])[:2]
+        assert abs(key[d](first) - key[d](second)) >= scenes.MARGIN * SIZE  # unambiguous
+        return first.colour if "colo" in q else first.shape
+    if fam == "relation":
+        (a, b) = [next(o for o in objs if (o.colour, o.shape) == n) for n in named(q)]
+        assert sum((o.colour, o.shape) == (a.colour, a.shape) for o in objs) == 1
+        (rel,) = [r for r in ("left", "right", "above", "higher", "below", "lower") if re.search(rf"\b{r}\b", q)]
+        yes = {"left": a.x < b.x, "right": a.x > b.x, "above": a.y < b.y, "higher": a.y < b.y, "below": a.y > b.y,
+               "lower": a.y > b.y}[rel]
+        return "yes" if yes else "no"
+    if fam == "existence":
+        ((c, sh),) = named(q)
+        if any((o.colour, o.shape) == (c, sh) for o in objs):
+            return "yes"
+        assert any(o.colour == c or o.shape == sh for o in objs)  # POPE-adversarial negative
+        return "no"
+    if fam == "text":
+        return s[0].word.text
+    if fam == "two_image":
+        if "both" in q or "each of the two" in q:
+            colour, shape = word_in(q, scenes.COLORS), word_in(q, scenes.SHAPES)
+            return "yes" if all(any(o.colour == colour or o.shape == shape for o in x.objects) for x in s) else "no"
+        if "first or the second" in q or "first and the second" in q:
+            assert len(s[0].objects) != len(s[1].objects)
+            return "first" if len(s[0].objects) > len(s[1].objects) else "second"
+        lone = s[0] if "first" in q else s[1]
+        assert len(lone.objects) == 1
+        return lone.objects[0].colour
+    raise AssertionError(fam)
+
+
+def test_same_seed_same_bytes_any_workers(tmp_path):
+    a, b, c = tmp_path / "a", tmp_path / "b", tmp_path / "c"
+    assert scenes.main(["--out", str(a), "--seed", "3", "--train", "40", "--test", "16", "--image-size", "96"]) == 0
+    scenes.generate(b, 3, 40, 16, 96, workers=2)
+    files = sorted(p.relative_to(a) for p in a.rglob("*") if p.is_file())
+    assert files == sorted(p.relative_to(b) for p in b.rglob("*") if p.is_file())
+    assert len([f for f in files if f.suffix == ".png"]) > 56
+    assert all((a / f).read_bytes() == (b / f).read_bytes() for f in files)
+    scenes.generate(c, 4, 40, 16, 96, families=["count", "text"])
+    assert (c / "train.json").read_bytes() != (a / "train.json").read_bytes()
+
+
+def test_answers_follow_from_the_scenes(data):
+    for split, files in (("train", ["train.json"]), ("test", ["test.json", "paraphrase_test.json"])):
+        found = {k: scenes.scene_from_dict(v) for k, v in load(data, f"scenes-{split}.json").items()}
+        for name in files:
+            rows = load(data, name)
+            assert {r["family"] for r in rows} == set(scenes.FAMILIES) - ({"easyvqa"} if "para" in name else set())
+            for row in rows:
+                answer = row["conversations"][-1]["value"]
+                assert answer == answer.lower() or row["family"] == "caption"
+                if row["family"] == "easyvqa":
+                    assert (data / row["image"]).is_file() and answer in ("yes", "no", *scenes.easyvqa.COLORS,
+                                                                          *scenes.easyvqa.SHAPES)
+                elif row["family"] == "caption":
+                    (s,) = [found[row["image"]]]
+                    assert named(answer.lower()) == [(o.colour, o.shape) for o in s.left_to_right()]
+                    assert row["conversations"][0]["value"].count("<image>") == 1
+                else:
+                    assert expected(row, found) == answer, row
+                    n = 2 if row["family"] == "two_image" else 1
+                    assert row["conversations"][0]["value"].count("<image>") == n
+                    assert row["conversations"][0]["value"].endswith(SHORT_ANSWER)
+
+
+def test_objects_do_not_overlap_and_images_show_the_scene(data):
+    fonts = scenes.Fonts([scenes.FontRef(**f) for f in load(data, "meta.json")["fonts"]])
+    found = load(data, "scenes-train.json")
+    for k, (name, d) in enumerate(found.items()):
+        s = scenes.scene_from_dict(d)
+        for i, o in enumerate(s.objects):
+            assert o.bound <= o.x <= SIZE - o.bound and o.bound <= o.y <= SIZE - o.bound
+            for p in s.objects[i + 1:]:
+                assert math.hypot(o.x - p.x, o.y - p.y) > o.bound + p.bound
+            if s.word:
+                assert scenes._clear_of_box(s.word.box, o.x, o.y, o.bound)
+        if s.word:
+            assert 0 <= s.word.box[0] and s.word.box[2] <= SIZE and 0 <= s.word.box[1] and s.word.box[3] <= SIZE
+        if k < 40:
+            pixels = np.asarray(Image.open(data / name))
+            assert pixels.shape == (SIZE, SIZE, 3)
+            for o in s.objects:
+                assert tuple(pixels[round(o.y), round(o.x)]) == o.rgb
+            assert np.array_equal(pixels, np.asarray(scenes.render(s, fonts)))
+
+
+def test_paraphrases_are_held_out(data):
+    train_t = {t for kind in scenes.TEMPLATES.values() for t in kind[0]}
+    para_t = {t for kind in scenes.TEMPLATES.values() for t in kind[1]}
+    assert train_t.isdisjoint(para_t) and all(len(v[1]) >= 1 and len(v[0]) >= 2 for v in scenes.TEMPLATES.values())
+    seen = {question(r) for name in ("train.json", "test.json") for r in load(data, name)}
+    test = {r["id"].split("-")[1]: r for r in load(data, "test.json")}
+    para = load(data, "paraphrase_test.json")
+    assert len(para) == sum(r["family"] != "easyvqa" for r in test.values())
+    for r in para:
+        assert question(r) not in seen
+        t = test[r["id"].split("-")[1]]
+        assert (r["image"], r["conversations"][1], r["family"]) == (t["image"], t["conversations"][1], t["family"])
+
+
+def test_answers_are_balanced():
+    fonts = scenes.Fonts(scenes.discover_fonts())
+    rows = scenes.build_split("train", 1400, 0, SIZE, fonts, [f for f in scenes.FAMILIES if f != "easyvqa"]).rows
+    by = {}
+    for r in rows:
+        by.setdefault(r["kind"], Counter())[r["conversations"][1]["value"]] += 1
+    for kind in ("relation", "existence", "two_image/both"):
+        assert abs(by[kind]["yes"] - by[kind]["no"]) <= 2, by[kind]
+    assert abs(by["two_image/more"]["first"] - by["two_image/more"]["second"]) <= 2
+    counts = by["count/all"] + by["count/colour"] + by["count/shape"]
+    assert set(counts) == set("012345") and min(counts.values()) >= 0.05 * sum(counts.values()), counts
+    assert set(by["position/colour"]) == set(scenes.COLORS) and set(by["position/shape"]) == set(scenes.SHAPES)
+    assert len(scenes.WORDS) >= 100 and len(by["text"]) >= 100
+    assert len({r["conversations"][0]["value"] for r in rows if r["kind"] == "existence"}) > 100
+
+
+def test_fonts_found_and_fallback():
+    found = scenes.discover_fonts()
+    assert len(found) >= scenes.MIN_FONTS and len({f.name for f in found}) == len(found)
+    assert scenes.discover_fonts(dirs=[]) == [scenes.discover_fonts(dirs=[])[0]] * scenes.MIN_FONTS
+    fallback = scenes.Fonts(scenes.discover_fonts(dirs=[]))
+    (row,) = scenes.build_split("test", 1, 0, SIZE, fallback, ["text"]).rows
+    assert row["family"] == "text"
+
+
+def test_scorer_figures(tmp_path):
+    def row(i, family, answer, image="a.png"):
+        return {"id": f"q{i}", "image": image, "family": family, "kind": family,
+                "conversations": [{"from": "human", "value": "<image>\nQ?"}, {"from": "gpt", "value": answer}]}
+
+    rows = [row(0, "count", "3"), row(1, "count", "2"), row(2, "text", "apple"), row(3, "existence", "yes"),
+            row(4, "caption", "There are 3 shapes, from left to right: a red circle, a red circle and a blue star."),
+            row(5, "two_image", "first", ["a.png", "b.png"])]
+    answers = {"q0": "3.", "q1": "two", "q2": " Apple ", "q4": "Two red circles and a green star.", "q5": "first"}
+    report = scenes_eval.score(rows, answers)
+    assert report["families"]["count"] == {"n": 2, "score": 0.5}
+    assert report["families"]["text"]["score"] == 1.0 and report["families"]["existence"]["score"] == 0.0
+    assert report["families"]["caption"]["score"] == pytest.approx(0.6667, abs=1e-4)  # 2 of 3 pairs named
+    assert report["missing"] == 1 and report["n"] == 6
+    assert report["overall"] == pytest.approx((1 + 0 + 1 + 0 + 2 / 3 + 1) / 6, abs=1e-4)
+
+    qfile = tmp_path / "test.json"
+    qfile.write_text(json.dumps(rows))
+    (tmp_path / "answers.jsonl").write_text("".join(json.dumps({"question_id": k, "text": v}) + "\n"
+                                                    for k, v in answers.items()))
+    assert scenes_eval.main(["--questions", str(qfile), "--answers", str(tmp_path / "answers.jsonl"),
+                             "--out", str(tmp_path / "r.json"), "--to-questions", str(tmp_path / "q.jsonl")]) == 0
+    assert json.loads((tmp_path / "r.json").read_text()) == report
+    single = [json.loads(x) for x in (tmp_path / "q.jsonl").read_text().splitlines()]
+    multi = [json.loads(x) for x in (tmp_path / "q.multi.jsonl").read_text().splitlines()]
+    assert [q["question_id"] for q in single] == ["q0", "q1", "q2", "q3", "q4"] and single[0]["text"] == "Q?"
+    assert multi == [{"question_id": "q5", "image": ["a.png", "b.png"], "text": "<image>\nQ?", "answer": "first",
+                      "category": "two_image"}]
