@@ -87,12 +87,15 @@ RELATIONS = {"left": ("to the left of", "on the left side of"), "right": ("to th
 TEMPLATES = {  # kind -> (training templates, held-out paraphrase templates)
     "count/all": (["How many shapes are there?", "How many shapes are in the image?", "How many objects can you see?",
                    "Count the shapes in the image."],
-                  ["What is the number of figures shown in this picture?", "Tell me the total number of shapes present."]),
+                  ["What is the number of figures shown in this picture?",
+                   "Tell me the total number of shapes present."]),
     "count/colour": (["How many {colour} shapes are there?", "How many {colour} objects are in the image?",
                       "Count the {colour} shapes."],
-                     ["What is the number of {colour} figures in this picture?", "Tell me how many shapes here are {colour}."]),
+                     ["What is the number of {colour} figures in this picture?",
+                      "Tell me how many shapes here are {colour}."]),
     "count/shape": (["How many {shapes} are there?", "How many {shapes} are in the image?", "Count the {shapes}."],
-                    ["What is the number of {shapes} in this picture?", "Tell me how many {shapes} this picture contains."]),
+                    ["What is the number of {shapes} in this picture?",
+                     "Tell me how many {shapes} this picture contains."]),
     "position/colour": (["What color is the {most} shape?", "What is the color of the {most} object?",
                          "Which color does the shape {at} have?"],
                         ["Name the colour of the figure that is {far}.", "The figure {far} has which colour?"]),
@@ -102,7 +105,8 @@ TEMPLATES = {  # kind -> (training templates, held-out paraphrase templates)
                  ["Does the {a} appear {rel} the {b}?", "Would you say the {a} sits {rel} the {b}?"]),
     "existence": (["Is there a {colour} {shape} in the image?", "Is there a {colour} {shape}?",
                    "Does the image contain a {colour} {shape}?", "Can you see a {colour} {shape}?"],
-                  ["Is any {colour} {shape} visible in this picture?", "Does this picture show a {colour} {shape} anywhere?"]),
+                  ["Is any {colour} {shape} visible in this picture?",
+                   "Does this picture show a {colour} {shape} anywhere?"]),
     "text": (["What word is written in the image?", "What does the text say?", "Read the word in the image.",
               "What is the word in the image?"],
              ["Which word appears in this picture?", "Tell me the printed word."]),
@@ -111,7 +115,8 @@ TEMPLATES = {  # kind -> (training templates, held-out paraphrase templates)
     "two_image/more": (["Which image has more shapes, the first or the second?",
                         "Which of the two images contains more shapes, the first or the second?"],
                        ["Between the first and the second picture, which one shows a greater number of figures?"]),
-    "two_image/colour": (["What color is the shape in the {which} image?", "What is the color of the shape in the {which} image?"],
+    "two_image/colour": (["What color is the shape in the {which} image?",
+                          "What is the color of the shape in the {which} image?"],
                          ["In the {which} picture, which colour does the lone figure have?"]),
     "caption": (["Describe the image.", "What is in this image?", "Describe the shapes in the image.",
                  "List the shapes you see from left to right."],
@@ -161,7 +166,7 @@ def discover_fonts(dirs: list[tuple[str, Path]] | None = None, max_fonts: int = 
                 break
         if len(found) == max_fonts:
             break
-    while len(found) < MIN_FONTS:  # the same built-in font at a different weight of stroke is still one font
+    while len(found) < MIN_FONTS:  # PIL's built-in typeface, repeated: one font, but the same on every machine
         found.append(FontRef(f"{' '.join(ImageFont.load_default(12).getname())} (PIL built-in)", None, "pil"))
     return found
 
@@ -436,7 +441,8 @@ def build_two_image(rng, fonts, size, target):
         specs = []
         for h in has:
             n = rng.randint(1, 4)
-            specs.append([_spec(rng, **{attr: value})] * int(h) + [_spec(rng, avoid=(value,)) for _ in range(n - int(h))])
+            with_it = [_spec(rng, **{attr: value})] if h else []
+            specs.append(with_it + [_spec(rng, avoid=(value,)) for _ in range(n - len(with_it))])
         slots = {"thing": (attr, value)}
     elif kind == "more":
         big, small = sorted(rng.sample(range(1, MAX_OBJECTS + 1), 2), reverse=True)
@@ -444,7 +450,7 @@ def build_two_image(rng, fonts, size, target):
         specs = [[_spec(rng) for _ in range(n)] for n in counts]
         slots = {}
     else:  # colour of the single shape in the first/second image
-        which = target[1]
+        which = answer
         lone = _spec(rng)
         other = [_spec(rng) for _ in range(rng.randint(1, 4))]
         specs = [[lone], other] if which == "first" else [other, [lone]]
@@ -513,7 +519,8 @@ def build_split(split: str, n: int, seed: int, size: int, fonts: Fonts, families
         if family == "easyvqa":
             image = f"images/easyvqa-{split}/{target.image_id}.png"
             out.copies[image] = target.image
-            out.rows.append(_row(rid, image, human(target.text, 1, True), target.answer, family, f"easyvqa/{target.type}"))
+            text = human(target.text, 1, True)
+            out.rows.append(_row(rid, image, text, target.answer, family, f"easyvqa/{target.type}"))
             continue
         rng = random.Random(f"scenes:{seed}:{split}:{index}")
         scenes, q = BUILDERS[family](rng, fonts, size, target)
@@ -569,8 +576,8 @@ def background(bg: dict, size: int) -> np.ndarray:
 
 def _polygon(o: Obj) -> list[tuple[float, float]]:
     def ring(n: int, radius: float, start: float):
-        return [(o.x + radius * math.cos(start + 2 * math.pi * k / n), o.y + radius * math.sin(start + 2 * math.pi * k / n))
-                for k in range(n)]
+        angles = [start + 2 * math.pi * k / n for k in range(n)]
+        return [(o.x + radius * math.cos(a), o.y + radius * math.sin(a)) for a in angles]
 
     if o.shape == "triangle":
         return ring(3, o.r, -math.pi / 2)
@@ -665,7 +672,8 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     refs = None
     if args.font:
-        refs = [FontRef(" ".join(ImageFont.truetype(str(f), 12).getname()), str(f.resolve()), "user") for f in args.font]
+        refs = [FontRef(" ".join(ImageFont.truetype(str(f), 12).getname()), str(f.resolve()), "user")
+                for f in args.font]
     start = time.perf_counter()
     try:
         meta = generate(args.out, args.seed, args.train, args.test, args.image_size,

@@ -52,7 +52,9 @@ def objects_named(text: str) -> Counter:
 def caption_recall(answer: str, reference: str) -> float:
     ref, got = objects_named(reference), objects_named(answer)
     total = sum(ref.values())
-    return sum(min(n, got[k]) for k, n in ref.items()) / total if total else float(normalize(answer) == normalize(reference))
+    if not total:  # a reference naming no object: exact match
+        return float(normalize(answer) == normalize(reference))
+    return sum(min(n, got[k]) for k, n in ref.items()) / total
 
 
 def question_score(row: dict, answer: str | None) -> float:
