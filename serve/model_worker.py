@@ -66,6 +66,7 @@ from serve.common import (
 from serve.protocol import (
     DEFAULT_CONTROLLER_URL, ErrorCode, GenerateMessagesRequest, GenerateStreamRequest, ServeError, Usage, image_ref,
 )
+from serve.heartbeat import heart_beat_loop, register
 from serve.serving import ImageLimits, Prepared, ServingModel, is_out_of_memory
 
 logger = setup_logging("serve.model_worker")
@@ -169,41 +170,6 @@ class WorkerState:
             "context_length": self.serving.loaded.context_length, "template": self.serving.loaded.template.name,
             "adapters": {name: self.serving.base_names[0] for name in self.serving.adapter_info},
         }
-
-
-async def register(state: WorkerState) -> None:
-    r = await state.client.post(state.config.controller_address + "/register_worker", json={
-        "worker_name": state.config.worker_address, "check_heart_beat": True, "worker_status": state.status(),
-    })
-    if r.status_code != 200:
-        raise RuntimeError(f"controller refused registration: HTTP {r.status_code} {r.text}")
-    logger.info("registered with controller %s as %s", state.config.controller_address, state.config.worker_address)
-
-
-async def heart_beat_loop(state: WorkerState) -> None:
-    """Register, then heartbeat; re-register when the controller forgets us or comes back after being down."""
-    registered = False
-    ready = getattr(state, "ready", None)  # an upstream-backed worker answers only while its upstream does
-    while True:
-        try:
-            if ready is not None and not await ready():
-                if registered:
-                    logger.warning("upstream unavailable: heartbeats paused until it answers again")
-                registered = False
-                await asyncio.sleep(state.config.heart_beat_interval)
-                continue
-            if registered:
-                r = await state.client.post(state.config.controller_address + "/receive_heart_beat", json={
-                    "worker_name": state.config.worker_address, "queue_length": state.in_flight,
-                })
-                registered = r.status_code == 200 and bool(r.json().get("exist"))
-            if not registered:
-                await register(state)
-                registered = True
-        except (httpx.HTTPError, RuntimeError, ValueError) as e:
-            registered = False
-            logger.warning("controller %s not reachable: %s", state.config.controller_address, e)
-        await asyncio.sleep(state.config.heart_beat_interval)
 
 
 def final_chunk(state: WorkerState, handle: RequestHandle, prepared: Prepared) -> dict:

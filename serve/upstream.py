@@ -41,6 +41,7 @@ from llava.templates import IMAGE_PLACEHOLDER, TemplateError, parse_prompt
 from serve.common import (
     STREAM_MEDIA_TYPE, auth_headers, check_token, decode_image_payload, encode_chunk, error_response, parse_body,
 )
+from serve.heartbeat import heart_beat_loop
 from serve.protocol import (
     IMAGE_REF_SCHEME, ErrorCode, GenerateMessagesRequest, GenerateStreamRequest, SamplingFields, ServeError,
 )
@@ -319,8 +320,6 @@ class UpstreamWorker:
 
 def create_upstream_app(config, backend: UpstreamWorker) -> FastAPI:
     """The worker app for `--backend openai` (config: serve.model_worker.WorkerConfig)."""
-    from serve.model_worker import heart_beat_loop
-
     @dataclass
     class State:  # what heart_beat_loop reads
         config: object

@@ -174,7 +174,7 @@ def register(client, url, *models, queue=0):
 def test_controller_endpoints(controller):
     assert register(controller, "http://127.0.0.1:5001", "a").status_code == 200
     assert register(controller, "http://localhost:5002/", "a", "b", queue=5).status_code == 200
-    assert controller.post("/list_models").json() == {"models": ["a", "b"]}
+    assert controller.post("/list_models").json() == {"models": ["a", "b"], "adapters": {}}
     assert controller.post("/get_worker_address", json={"model": "b"}).json() == {"address": "http://localhost:5002"}
     assert controller.post("/get_worker_address", json={"model": "a"}).json() == {"address": "http://127.0.0.1:5001"}
     assert controller.post("/get_worker_address", json={"model": "zzz"}).json() == {"address": ""}
@@ -215,7 +215,7 @@ def test_unreachable_worker_is_dropped_and_reported(controller):
     r = controller.post("/worker_generate_stream", json={"model": "a", "prompt": "hi"})
     chunk = FrameSplitter().feed(r.content)[0]
     assert r.status_code == 503 and chunk["error_code"] == ErrorCode.NO_WORKER and dead in chunk["text"]
-    assert controller.post("/list_models").json() == {"models": []}
+    assert controller.post("/list_models").json() == {"models": [], "adapters": {}}
     r = controller.post("/refresh_all_workers")
     assert r.status_code == 200
 
