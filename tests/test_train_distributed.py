@@ -3,13 +3,16 @@
 global batch.
 
 Tolerances (float32, bf16 autocast off): every logged step's loss within rel LOSS_RTOL = 1e-4 of the one-process run,
-every saved tensor (projector, LoRA adapter, LoRA-merged HF model) within abs WEIGHT_ATOL = 1e-5 (their values are
-0.1-1; measured differences: loss 2e-7 relative, tensors 3e-7).
+every saved tensor (projector, LoRA adapter, LoRA-merged HF model; values up to 0.1-1) within abs WEIGHT_ATOL = 5e-5.
+Measured: loss 1.6e-7 relative; projector 4e-9, merged model 8e-8, LoRA adapter up to 2.8e-6 (Adam divides by the
+root of tiny second moments, so the summation-order noise of the gradient reduction grows there). Averaging the loss
+per process instead moves the losses by 3e-3 relative. A killed and resumed run equals the uninterrupted one exactly.
 The data mixes answer lengths and text-only rows and does not fill the last global batch, so a loss averaged per
 process, an order that depends on the process count or a ragged last batch would break these bounds.
 
-Fast (`make test`): accelerate + ZeRO-2 on 2 processes against one process. Slow: torchrun and ZeRO-3, two
-accelerate "nodes" (two launchers, one process each), a run killed after a checkpoint and started again.
+Fast (`make test`): accelerate + ZeRO-2 on 2 processes against one process. Slow: torchrun, DeepSpeed's launcher
+and ZeRO-3, gradient accumulation, two accelerate "nodes" (two launchers, one process each), a 2-process job
+SIGKILLed after a checkpoint and started again.
 """
 
 from __future__ import annotations
@@ -33,7 +36,7 @@ from train.train import parse_args, run
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "train" / "configs"
 LOSS_RTOL = 1e-4
-WEIGHT_ATOL = 1e-5
+WEIGHT_ATOL = 5e-5
 SAVED = ["projector.safetensors", "adapter/adapter_model.safetensors", "hf/model.safetensors"]
 LAUNCH_TIMEOUT = 300  # s per launch; a 2-process tiny run takes ~15 s on 2 idle cores
 
@@ -87,6 +90,16 @@ def torchrun_cmd(zero: int, port: int) -> list[str]:
     return [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2",
             "--master_addr", "127.0.0.1", "--master_port", str(port), "-m", "train.train",
             "--deepspeed", str(CONFIGS / f"zero{zero}.json")]
+
+
+def deepspeed_cmd(zero: int, port: int) -> list[str]:
+    """DeepSpeed's own launcher (the hostfile route), on this one host."""
+    return [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_addr", "127.0.0.1",
+            "--master_port", str(port), "--no_local_rank", "--module", "train.train",
+            "--deepspeed", str(CONFIGS / f"zero{zero}.json")]
+
+
+LAUNCHERS = {"torchrun": torchrun_cmd, "accelerate": accelerate_cmd, "deepspeed": deepspeed_cmd}
 
 
 def kill_tree(proc: subprocess.Popen) -> None:
@@ -173,12 +186,11 @@ def test_two_processes_zero2_match_one_process(setup, tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("launcher,zero", [("torchrun", 2), ("torchrun", 3), ("accelerate", 3)])
+@pytest.mark.parametrize("launcher,zero", [("torchrun", 2), ("torchrun", 3), ("accelerate", 3), ("deepspeed", 2)])
 def test_launchers_and_zero_stages_match_one_process(setup, tmp_path, launcher, zero):
     tiny, data, ref = setup
     out = tmp_path / f"{launcher}-zero{zero}"
-    cmd = torchrun_cmd(zero, free_port()) if launcher == "torchrun" else accelerate_cmd(zero, free_port())
-    launch([cmd + flags(tiny, data, out, batch_size=2)], tmp_path, out.name)
+    launch([LAUNCHERS[launcher](zero, free_port()) + flags(tiny, data, out, batch_size=2)], tmp_path, out.name)
     assert_zero_run(out, zero)
     assert_same_run(ref, out)
 
