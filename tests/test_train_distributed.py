@@ -274,3 +274,17 @@ def test_distributed_configs_name_existing_files():
         assert (ROOT / ds["deepspeed_config_file"]).resolve() == CONFIGS / f"zero{zero}.json"
         assert json.loads((CONFIGS / f"zero{zero}.json").read_text())["zero_optimization"]["stage"] == zero
         assert cfg["num_processes"] == 16 and cfg["num_machines"] == 2
+
+
+def test_samplers_give_every_process_the_same_whole_global_batches():
+    """Both samplers are deterministic in (seed, epoch) -- every process draws the same stream -- and stop at a whole
+    number of global batches (22 rows, global batch 4 -> 20)."""
+    from train.data import ModalityLengthSampler, ShuffleSampler
+
+    lengths, modal = list(range(22)), [i < 17 for i in range(22)]
+    for make in (lambda: ModalityLengthSampler(lengths, modal, 4, seed=3), lambda: ShuffleSampler(22, 4, seed=3)):
+        a, b = make(), make()
+        order = list(a)
+        assert order == list(b) and len(order) == len(a) == 20 and len(set(order)) == 20
+        a.set_epoch(1)
+        assert list(a) != order and len(list(a)) == 20

@@ -49,7 +49,7 @@ from train import easyvqa
 from train.data import Collator, LlavaDataset
 from train.features import FeatureCache
 from train.modeling import LlavaForTraining, add_lora, projector_state, set_trainable
-from train.trainer import LlavaTrainer, StepTimer, params_summary, write_run_report
+from train.trainer import LlavaTrainer, StepTimer, global_batch, params_summary, write_run_report
 
 Tune = Literal["projector", "full", "lora", "qlora"]
 
@@ -315,14 +315,15 @@ def run(cfg: TrainConfig) -> dict:
         if args.should_save:
             (out_dir / "config.json").write_text(cfg.model_dump_json(indent=2))
         ds = build_dataset(cfg, data_file(cfg, out_dir), tokenizer, template, proc)
-        if len(ds) < args.train_batch_size * args.world_size * args.gradient_accumulation_steps:
-            raise ConfigError(f"{len(ds)} rows are fewer than one global batch (batch_size x processes x grad_accum)")
         extra: dict = {"stage": cfg.stage, "template": template, "rows": len(ds), "skipped_rows": dict(ds.skipped),
                        "processes": args.world_size, **params_summary(model)}
         cache = None
         if cfg.cache_features and ds.image_keys:
             cache, extra["cache_fill_seconds"] = attach_cache(cfg, ds, model.llava, out_dir)
             extra["cache_images_encoded"] = cache.encoded
+    if len(ds) < global_batch(args):  # checked on every process, after the main one has left the block above
+        raise ConfigError(f"{len(ds)} rows are fewer than one global batch ({global_batch(args)} = batch_size x "
+                          f"{args.world_size} processes x grad_accum)")
     if cache is not None and cfg.measure_cache_steps:
         extra["cache_measurement"] = measure_cache(model, ds, cache, tokenizer.pad_token_id, cfg)
         print(json.dumps({"cache_measurement": extra["cache_measurement"]}), flush=True)

@@ -23,12 +23,17 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
-from transformers import Trainer, TrainerCallback
+from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from train.data import ModalityLengthSampler, ShuffleSampler
 from train.modeling import PROJECTOR_PREFIX, load_trainable, trainable_state
 
 TRAINABLE_FILE = "trainable.safetensors"
+
+
+def global_batch(args: TrainingArguments) -> int:
+    """Rows per optimizer step: per-device batch x processes (all nodes) x accumulation steps."""
+    return args.per_device_train_batch_size * args.world_size * args.gradient_accumulation_steps
 
 
 class LlavaTrainer(Trainer):
@@ -42,10 +47,9 @@ class LlavaTrainer(Trainer):
         epoch) and accelerate deals it out in per-device batches, so each optimizer step sees the same rows whatever
         the split into processes x per-device batch x accumulation; the stream holds whole global batches only."""
         ds = train_dataset if train_dataset is not None else self.train_dataset
-        global_batch = self.args.per_device_train_batch_size * self.args.world_size * self.args.gradient_accumulation_steps
         if self.group_by_modality_length:
-            return ModalityLengthSampler(ds.lengths, ds.modalities, global_batch, seed=self.args.seed)
-        return ShuffleSampler(len(ds), global_batch, seed=self.args.seed)
+            return ModalityLengthSampler(ds.lengths, ds.modalities, global_batch(self.args), seed=self.args.seed)
+        return ShuffleSampler(len(ds), global_batch(self.args), seed=self.args.seed)
 
     def create_optimizer(self, model=None):
         if self.optimizer is not None or self.projector_lr is None:
