@@ -329,7 +329,7 @@ def preprocess(image: Image.Image, proc: ImageProcessing, multi: bool = False) -
         pixel_values=pixel_values,
         image_size=size,
         num_tokens=num_image_tokens(proc, size, multi),
-        key=f"{content_hash(image)}.{proc.key()}" + (".multi" if multi else ""),
+        key=f"{content_hash(image)}.{proc.key()}" + ("-multi" if multi else ""),
     )
 
 
@@ -339,7 +339,7 @@ def preprocess_video(frames: list[Image.Image], proc: ImageProcessing) -> Proces
         raise ImageError("a video needs at least one frame")
     frames = [_to_rgb(f) for f in frames]
     pixel_values = torch.stack([_normalize(_resize(f, proc.size, proc), proc) for f in frames])
-    keys = tuple(f"{content_hash(f)}.{proc.key()}.frame" for f in frames)
+    keys = tuple(f"{content_hash(f)}.{proc.key()}-frame" for f in frames)
     per_frame = video_frame_tokens(proc)
     digest = hashlib.sha256("|".join(keys).encode()).hexdigest()
     return ProcessedVideo(pixel_values, keys, per_frame, len(frames) * per_frame + 1, f"{digest}.video")

@@ -16,6 +16,7 @@ from llava.images import preprocess_video
 from llava.loading import load_model
 from llava.templates import stop_token_ids
 from llava.zoo import ZOO, get_entry, memory_gb
+from serve.protocol import IMAGE_ID
 
 SIZES = [(40, 90), (90, 40), (20, 20), (100, 100), (33, 70), (64, 31)]  # (h, w): wide, tall, small, 3x3 grid...
 
@@ -110,6 +111,7 @@ def test_several_images_are_base_views_as_in_transformers(onevision):
         assert im.num_tokens == len(counter.replace_image_token(ref, i)) // len("<image>") == tiny.BASE_TOKENS + 1
     single = onevision.process_images(images[:1])[0]
     assert single.key != ours[0].key  # different features: never share a cache entry
+    assert all(IMAGE_ID.fullmatch(im.key) for im in (single, *ours))  # each can be sent again by id
 
 
 def test_video_frames_equal_siglip_processing_and_count(onevision):
