@@ -266,3 +266,36 @@ def test_cli_attaches_videos_and_images_mid_conversation(onevision, tmp_path):
     assert "[error" not in text.replace("[error bad_video", "")
     assert [m["content"].split("\n")[0] for m in session.messages[::2]] == ["<video>", "<image>"]
     assert len(session.videos) == 1 and len(session.images) == 1 and session.num_turns == 2
+
+
+# ------------------------------------------------------------------------------------------------ whole stack
+
+
+@pytest.mark.slow  # starts controller, worker and OpenAI server as processes (~40 s on 2 busy cores)
+def test_openai_sdk_several_images_and_a_video_through_the_stack(tmp_path):
+    import openai
+
+    from conftest import API_KEY, IMAGE_TOKENS, MODEL, start_cluster
+
+    cluster = start_cluster(tmp_path, 1, openai=True)
+    try:
+        client = openai.OpenAI(base_url=cluster.procs["openai"].url + "/v1", api_key=API_KEY, max_retries=0)
+        png = "data:image/png;base64," + _png_b64((255, 0, 0))
+        video = _uri(tiny.encode_video(5, "webm", "libvpx"), "video/webm")
+        reply = client.chat.completions.create(model=MODEL, max_tokens=4, temperature=0, extra_body={"max_frames": 3},
+                                               messages=[
+            {"role": "user", "content": [{"type": "image_url", "image_url": {"url": png}}, {"type": "text", "text": "a"}]},
+            {"role": "assistant", "content": "ok"},
+            {"role": "user", "content": [{"type": "video_url", "video_url": {"url": video}},
+                                         {"type": "image_url", "image_url": {"url": png}},
+                                         {"type": "text", "text": "and these?"}]},
+        ])
+        assert reply.choices[0].message.content is not None
+        # two images and three frames read as images by this plain llava
+        assert reply.usage.prompt_tokens_details.image_tokens == 5 * IMAGE_TOKENS
+        with pytest.raises(openai.BadRequestError) as e:
+            client.chat.completions.create(model=MODEL, max_tokens=4, messages=[{"role": "user", "content": [
+                {"type": "video_url", "video_url": {"url": _uri(b"\0" * 500)}}, {"type": "text", "text": "?"}]}])
+        assert e.value.body["code"] == "bad_video" and "not a readable video" in e.value.body["message"]
+    finally:
+        cluster.stop_all()
