@@ -399,7 +399,8 @@ def usage_dict(usage: dict | None) -> dict | None:
         "prompt_tokens": usage["prompt_tokens"], "completion_tokens": usage["completion_tokens"],
         "total_tokens": usage["total_tokens"],
         "prompt_tokens_details": {"image_tokens": usage.get("image_tokens", 0), "cached_tokens": 0,
-                                  "image_ids": usage.get("image_ids", [])},
+                                  "image_ids": usage.get("image_ids", []),
+                                  **({"media": usage["media"]} if usage.get("media") else {})},
     }
 
 

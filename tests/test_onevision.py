@@ -205,3 +205,27 @@ def test_count_mismatch_names_both_counts(onevision):
     with pytest.raises(ValueError, match=r"9 video tokens .* need 5"):
         short = onevision.prompt(_msg("video", "hi"), videos=[onevision.process_video(frames[:1])])
         eng.submit(GenerationRequest(prompt.input_ids, [], SamplingParams(), videos=short.videos))
+
+
+# ------------------------------------------------------------------------------------------------ template
+
+
+def test_qwen_1_5_template_text_jinja_and_labels(tok):
+    from llava.templates import IGNORE_INDEX, render, render_text, to_jinja
+
+    messages = [
+        {"role": "user", "content": [{"type": "image"}, {"type": "video"}, {"type": "text", "text": "What is it?"}]},
+        {"role": "assistant", "content": "A cat."},
+        {"role": "user", "content": "And now?"},
+    ]
+    text = render_text(messages, "qwen_1_5", add_generation_prompt=True)
+    # LLaVA-NeXT's conv_qwen: ChatML with a newline after every <|im_end|>
+    assert text == ("<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n<image>\n<video>\n"
+                    "What is it?<|im_end|>\n<|im_start|>assistant\nA cat.<|im_end|>\n<|im_start|>user\nAnd now?"
+                    "<|im_end|>\n<|im_start|>assistant\n")
+    assert tok.apply_chat_template(messages, chat_template=to_jinja("qwen_1_5"), tokenize=False,
+                                   add_generation_prompt=True) == text
+    r = render(messages, "qwen_1_5", tok, image_token_counts=[3], video_token_counts=[5], add_generation_prompt=True)
+    assert r.input_ids.count(tok.image_token_id) == 3 and r.input_ids.count(tok.video_token_id) == 5
+    labelled = tok.decode([t for t, lab in zip(r.input_ids, r.labels) if lab != IGNORE_INDEX])
+    assert labelled == "A cat.<|im_end|>\n" and r.num_videos == 1
