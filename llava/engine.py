@@ -370,6 +370,8 @@ class Engine:
         """The next token of each row (constrained rows masked first) and, where asked, its log-probabilities (of
         the model's own distribution, before any mask)."""
         samplers = [s.sampler for s in seqs]
+        if self.video_token_id is not None:  # like <image> (masked by the runners), never generated
+            logits[:, self.video_token_id] = float("-inf")
         raw = logits
         if any(s.matcher is not None for s in seqs):
             if any(s.sampler.params.logprobs is not None for s in seqs):
