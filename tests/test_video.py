@@ -299,3 +299,28 @@ def test_openai_sdk_several_images_and_a_video_through_the_stack(tmp_path):
         assert e.value.body["code"] == "bad_video" and "not a readable video" in e.value.body["message"]
     finally:
         cluster.stop_all()
+
+
+# ------------------------------------------------------------------------------------------------ web UI
+
+
+def test_web_ui_turns_with_images_and_videos(tmp_path):
+    from serve.gradio_web_server import ChatHandlers, WebChat, WebConfig, token_costs
+
+    picture, clip, broken = tmp_path / "red.png", tmp_path / "clip.mp4", tmp_path / "broken.webm"
+    Image.new("RGB", (20, 20), (255, 0, 0)).save(picture)
+    clip.write_bytes(tiny.encode_video(4))
+    broken.write_bytes(b"\0" * 100)
+    h = ChatHandlers(WebConfig(log_dir=tmp_path / "logs"))
+    chat, shown, *_ = h.add_text(WebChat(), {"text": "what?", "files": [str(picture), str(clip)]})
+    assert chat.session.messages[-1]["content"] == "<image>\n<video>\nwhat?" and len(chat.session.videos) == 1
+    assert shown[-1]["content"] == [{"path": str(picture)}, {"path": str(clip)}, "what?"]  # the clip plays in the chat
+    assert list((tmp_path / "logs" / "videos").glob("*.mp4")) and len(chat.video_shas) == 1
+    chat.session.add_assistant("ok")
+    chat, shown, *_ = h.add_text(chat, {"text": "and this?", "files": [str(broken)]})
+    assert "VideoError" in chat.error and "not a readable video" in chat.error and chat.session.num_turns == 1
+    usage = {"prompt_tokens": 120, "image_tokens": 91,
+             "media": [{"type": "image", "tokens": 4}, {"type": "video", "tokens": 87, "frames": 4}]}
+    assert token_costs(usage) == ("prompt 120 tokens — image 1: 4 tokens, video 1: 4 frames, 87 tokens, "
+                                  "text: 29 tokens")
+    assert token_costs({"prompt_tokens": 50, "image_tokens": 20}) == "prompt: 50 tokens, 20 of them for images/video frames"
