@@ -229,3 +229,16 @@ def test_qwen_1_5_template_text_jinja_and_labels(tok):
     assert r.input_ids.count(tok.image_token_id) == 3 and r.input_ids.count(tok.video_token_id) == 5
     labelled = tok.decode([t for t, lab in zip(r.input_ids, r.labels) if lab != IGNORE_INDEX])
     assert labelled == "A cat.<|im_end|>\n" and r.num_videos == 1
+
+
+def test_interleave_pixels_and_tokens_equal_transformers(interleave, tok):
+    from transformers import LlavaProcessor
+
+    images = [_image(50, (40, 90)), _image(51, (64, 31))]
+    ours = interleave.process_images(images)
+    ref = tiny.siglip_image_processor()(images, return_tensors="pt")["pixel_values"]
+    assert all(torch.equal(im.pixel_values, r) for im, r in zip(ours, ref))
+    processor = LlavaProcessor(image_processor=tiny.siglip_image_processor(), tokenizer=tok, patch_size=tiny.PATCH,
+                               vision_feature_select_strategy="full", num_additional_image_tokens=0)
+    ids = processor(images=images, text="<image><image> hi", return_tensors="pt")["input_ids"][0].tolist()
+    assert ids.count(tok.image_token_id) == sum(im.num_tokens for im in ours) == 2 * tiny.BASE_TOKENS
