@@ -70,7 +70,9 @@ class WorkerInfo:
     queue_length: int
     check_heart_beat: bool
     last_heart_beat: float
-    adapters: dict[str, str] = field(default_factory=dict)  # LoRA adapter name -> its base model name
+    # LoRA adapter name -> its base model name; None: the worker cannot load adapters (an upstream-backed or
+    # original LLaVA worker)
+    adapters: dict[str, str] | None = None
 
     def to_dict(self) -> dict:
         return {
@@ -128,7 +130,7 @@ class Registry:
         self.workers[url] = WorkerInfo(
             model_names=list(status.model_names), speed=float(status.speed), queue_length=int(status.queue_length),
             check_heart_beat=check_heart_beat, last_heart_beat=time.monotonic(),
-            adapters={str(k): str(v) for k, v in adapters.items()} if isinstance(adapters, dict) else {},
+            adapters={str(k): str(v) for k, v in adapters.items()} if isinstance(adapters, dict) else None,
         )
         self.metrics.workers.set(len(self.workers))
         logger.info("registered worker %s serving %s", url, status.model_names)
@@ -161,10 +163,10 @@ class Registry:
         return sorted({m for w in self.workers.values() for m in w.model_names})
 
     def adapters(self) -> dict[str, str]:
-        return {name: base for w in self.workers.values() for name, base in w.adapters.items()}
+        return {name: base for w in self.workers.values() for name, base in (w.adapters or {}).items()}
 
     def base_models(self) -> list[str]:
-        return sorted({m for w in self.workers.values() for m in w.model_names if m not in w.adapters})
+        return sorted({m for w in self.workers.values() for m in w.model_names if m not in (w.adapters or {})})
 
     def candidates(self, model: str) -> list[str]:
         return [url for url, w in self.workers.items() if model in w.model_names]
@@ -278,16 +280,20 @@ async def load_adapter(state: ControllerState, req: LoadAdapterRequest) -> dict:
             raise ServeError(ErrorCode.INVALID_PARAMS, f"several base models are registered ({', '.join(bases)}): "
                              "say which one the adapter is for with base_model")
         base = bases[0]
-    urls = [u for u in state.registry.candidates(base) if base not in state.registry.workers[u].adapters]
+    workers = state.registry.workers
+    urls = [u for u in state.registry.candidates(base) if workers[u].adapters is not None
+            and base not in workers[u].adapters]
     if not urls:
-        raise ServeError(ErrorCode.UNKNOWN_MODEL, f"no worker serves base model {base!r}; base models: "
-                         f"{', '.join(bases) or 'none'}")
+        serving = state.registry.candidates(base)
+        raise ServeError(ErrorCode.UNKNOWN_MODEL, f"no worker that can load adapters serves base model {base!r}" + (
+            f" ({len(serving)} worker(s) serve it but cannot load adapters: upstream-backed or original workers)"
+            if serving else f"; base models: {', '.join(bases) or 'none'}"))
     body = {"lora_name": req.lora_name, "lora_path": req.lora_path}
     return {"lora_name": req.lora_name, "base_model": base, **await call_workers(state, urls, "/load_lora_adapter", body)}
 
 
 async def unload_adapter(state: ControllerState, req: UnloadAdapterRequest) -> dict:
-    urls = [u for u, w in state.registry.workers.items() if req.lora_name in w.adapters]
+    urls = [u for u, w in state.registry.workers.items() if req.lora_name in (w.adapters or {})]
     if not urls:
         raise ServeError(ErrorCode.UNKNOWN_MODEL, f"no worker holds adapter {req.lora_name!r}; adapters: "
                          f"{', '.join(sorted(state.registry.adapters())) or 'none'}")

@@ -234,7 +234,7 @@ class UpstreamWorker:
     def status(self) -> dict:
         return {"model_names": self.names, "speed": 1, "queue_length": self.queue_length(),
                 "context_length": self.upstream.context_length, "template": self.template,
-                "backend": f"openai upstream {self.upstream.url} ({self.upstream.model})", "adapters": {}}
+                "backend": f"openai upstream {self.upstream.url} ({self.upstream.model})"}
 
     async def refresh(self) -> bool:
         self.healthy = await self.upstream.probe()
