@@ -24,7 +24,7 @@ def questions_of(rows: list[dict], single_pred_prompt: bool) -> list[Question]:
     return out
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, loaded=None) -> int:
     p = argparse.ArgumentParser(description="LLaVA ScienceQA runner: problems JSON -> answers JSONL")
     add_common_args(p, conv_mode="llava_v0", temperature=0.2, max_new_tokens=1024)
     p.add_argument("--single-pred-prompt", action="store_true")
@@ -34,7 +34,7 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit("--answer-prompter is not supported; LLaVA-1.5's scripts use --single-pred-prompt")
     with open(os.path.expanduser(args.question_file)) as f:
         rows = json.load(f)
-    return run(args, questions_of(rows, args.single_pred_prompt))
+    return run(args, questions_of(rows, args.single_pred_prompt), loaded)
 
 
 if __name__ == "__main__":

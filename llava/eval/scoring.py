@@ -134,11 +134,15 @@ def mme_category_scores(rows: Sequence[tuple[str, str]]) -> dict:
     return {"acc": acc, "acc_plus": acc_plus, "score": acc + acc_plus}
 
 
-def mme_totals(per_category: dict[str, dict]) -> dict:
-    """Perception and Cognition totals: sums of their categories' scores (every category must be there)."""
+def mme_totals(per_category: dict[str, dict], partial: bool = False) -> dict:
+    """Perception and Cognition totals: sums of their categories' scores (every category must be there, unless
+    `partial`: then the sums of those present)."""
     out = {}
     for kind, names in MME_CATEGORIES.items():
         missing = [n for n in names if n not in per_category]
+        if missing and partial:
+            out[kind] = sum(per_category[n]["score"] for n in names if n in per_category)
+            continue
         if missing:
             raise ValueError(f"MME {kind} needs all its categories; missing: {', '.join(missing)}")
         out[kind] = sum(per_category[n]["score"] for n in names)
