@@ -103,7 +103,8 @@ def _namespace(seq: _Sequence) -> str:
 
 
 class Engine:
-    """Continuous-batching generation over a transformers Llava / LlavaNext model (see the module docstring).
+    """Continuous-batching generation over a transformers Llava / LlavaNext / LlavaOnevision model (see the module
+    docstring).
 
     eos_token_ids: ids that end a reply (the template's, see `llava.templates.stop_token_ids`). The batching and
     cache settings are an `EngineConfig` (`config=`) or its fields as keyword arguments. context_length defaults to
