@@ -324,3 +324,26 @@ def test_web_ui_turns_with_images_and_videos(tmp_path):
     assert token_costs(usage) == ("prompt 120 tokens — image 1: 4 tokens, video 1: 4 frames, 87 tokens, "
                                   "text: 29 tokens")
     assert token_costs({"prompt_tokens": 50, "image_tokens": 20}) == "prompt: 50 tokens, 20 of them for images/video frames"
+
+
+def test_openai_video_url_fetched_over_http_only_when_allowed(tmp_path):
+    import functools
+    import http.server
+    import threading
+
+    from serve.openai_api_server import video_payload
+
+    (tmp_path / "clip.webm").write_bytes(data := tiny.encode_video(3, "webm", "libvpx"))
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(tmp_path))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_address[1]}/clip.webm"
+    try:
+        got = asyncio.run(video_payload(OpenAIConfig(allow_image_urls=True), url, 0))
+        assert base64.b64decode(got) == data
+        with pytest.raises(ServeError, match="video 0: .*more than 100 bytes"):
+            asyncio.run(video_payload(OpenAIConfig(allow_image_urls=True, video_url_max_bytes=100), url, 0))
+        with pytest.raises(ServeError, match="disabled"):
+            asyncio.run(video_payload(OpenAIConfig(), url, 0))
+    finally:
+        server.shutdown()
