@@ -29,7 +29,11 @@ from llava.convert import resolve_path
 from llava.hardware import resolve_dtype
 from llava.quant import QUANTIZATIONS, QuantizationError, quantize_llm
 from llava.images import ImageProcessing, ProcessedImage, ProcessedVideo, load_image, preprocess, preprocess_video
-from llava.templates import Rendered, Template, media_order, normalize_messages, render, videos_as_images
+from llava.templates import (
+    Rendered, Template, TokenizerError, media_order, normalize_messages, render, videos_as_images,
+)
+from llava.templates import image_token_id as tokenizer_image_id
+from llava.templates import video_token_id as tokenizer_video_id
 
 QUANT_SKIP = ["model.vision_tower", "model.multi_modal_projector", "lm_head"]
 BNB_QUANTIZATIONS = ("8bit", "4bit")
@@ -208,15 +212,17 @@ def load_model(path: str, options: LoadOptions | None = None, **overrides: Any) 
     if qconf is None:
         model.to(device)
     tokenizer = AutoTokenizer.from_pretrained(hf_path)
-    if getattr(tokenizer, "image_token_id", None) != model.config.image_token_id:
-        raise LoadError(
-            f"{path}: tokenizer image token id {getattr(tokenizer, 'image_token_id', None)} != model image_token_id "
-            f"{model.config.image_token_id}"
-        )
-    video_id = getattr(model.config, "video_token_id", None)
-    if video_id is not None and tokenizer.convert_tokens_to_ids("<video>") != video_id:
-        raise LoadError(f"{path}: tokenizer <video> id {tokenizer.convert_tokens_to_ids('<video>')} != model "
-                        f"video_token_id {video_id}")
+    # the renderer's ids (the tokenizer's image_token_id / video_token_id, else <image> / <video> in its vocab)
+    for marker, token_of, want in (("<image>", tokenizer_image_id, model.config.image_token_id),
+                                   ("<video>", tokenizer_video_id, getattr(model.config, "video_token_id", None))):
+        if want is None:
+            continue
+        try:
+            got = token_of(tokenizer)
+        except TokenizerError as e:
+            raise LoadError(f"{path}: {e}") from None
+        if got != want:
+            raise LoadError(f"{path}: tokenizer {marker} id {got} != the model's {want}")
     report = {}
     if quantization in QUANTIZATIONS:
         try:
