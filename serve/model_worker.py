@@ -175,7 +175,7 @@ class WorkerState:
 def final_chunk(state: WorkerState, handle: RequestHandle, prepared: Prepared) -> dict:
     result = handle.result(timeout=0)
     usage = Usage(len(prepared.input_ids), result.completion_tokens, prepared.image_tokens,
-                  tuple(im.key for im in prepared.images))
+                  tuple(im.key for im in prepared.images), media=tuple(prepared.media))
     state.metrics.completion_tokens.inc(result.completion_tokens)
     if result.time_to_first_token is not None:
         state.metrics.ttft.observe(result.time_to_first_token)
