@@ -249,13 +249,18 @@ class _LoraStacks:
                 out[kind] = (lo, hi, (slots[:, None] == cols[None, lo:hi]).to(self.dtype))
         return out
 
-    def delta(self, kind: str, li: int, x: torch.Tensor, masks: dict | None):
-        """The rows' adapter products for the fused projection `kind` of layer `li` (None: nothing to add)."""
+    def add(self, out: torch.Tensor, kind: str, li: int, x: torch.Tensor, masks: dict | None) -> torch.Tensor:
+        """`out` (the base projection of `x`, a fresh tensor) plus the rows' adapter products, in place when the
+        dtypes agree (3 small ops per projection)."""
         if masks is None or kind not in masks or self.A[kind][li] is None:
-            return None
+            return out
         lo, hi, mask = masks[kind]
-        a, b = self.A[kind][li][lo:hi], self.B[kind][li][:, lo:hi]
-        return (((x.to(self.dtype) @ a.T) * mask) @ b.T).to(x.dtype)
+        xa = x.to(self.dtype) @ self.A[kind][li][lo:hi].T
+        xa.mul_(mask)
+        b = self.B[kind][li][:, lo:hi]
+        if out.dtype == self.dtype:
+            return out.addmm_(xa, b.T)
+        return out + (xa @ b.T).to(out.dtype)
 
 
 @dataclass
@@ -447,8 +452,8 @@ class LlamaRunner:
         slots = [slot[a] if a is not None else -1 for a in adapters]
         return self._stacks.masks(torch.tensor(slots, device=self.device), set(slots) - {-1})
 
-    def _delta(self, kind: str, li: int, x: torch.Tensor, masks) -> torch.Tensor | None:
-        return None if masks is None else self._stacks.delta(kind, li, x, masks)
+    def _lora(self, out: torch.Tensor, kind: str, li: int, x: torch.Tensor, masks) -> torch.Tensor:
+        return out if masks is None else self._stacks.add(out, kind, li, x, masks)
 
     def reserve(self, key, total_length: int, adapter=None) -> None:
         """A new (not yet ready) row for `key`, with room for `total_length` positions, computing with `adapter`
@@ -609,8 +614,7 @@ class LlamaRunner:
         for li, layer in enumerate(self.layers):
             h = self._rms(layer.attn_norm, x, layer.attn_norm_w)
             qkv = mm(layer.qkv, h)  # [S, (nq + 2 nkv) hd]
-            if (d := self._delta("qkv", li, h, lora)) is not None:
-                qkv = qkv + d
+            qkv = self._lora(qkv, "qkv", li, h, lora)
             qk = self._rope(qkv[:, : (nq + nkv) * hd].reshape(-1, nq + nkv, hd), cos, sin)
             v = qkv[:, (nq + nkv) * hd :].reshape(-1, nkv, hd)
             outs = []
@@ -626,17 +630,14 @@ class LlamaRunner:
                 outs.append(att[0].transpose(0, 1).reshape(q, nq * hd))
             att = torch.cat(outs).to(act)
             o = mm(layer.o, att)
-            if (d := self._delta("o", li, att, lora)) is not None:
-                o = o + d
+            o = self._lora(o, "o", li, att, lora)
             x = x + o
             h = self._rms(layer.mlp_norm, x, layer.mlp_norm_w)
             gu = mm(layer.gate_up, h)
-            if (d := self._delta("gate_up", li, h, lora)) is not None:
-                gu = gu + d
+            gu = self._lora(gu, "gate_up", li, h, lora)
             a = self.act(gu[:, : self.intermediate]) * gu[:, self.intermediate :]
             down = mm(layer.down, a)
-            if (d := self._delta("down", li, a, lora)) is not None:
-                down = down + d
+            down = self._lora(down, "down", li, a, lora)
             x = x + down
         for r, (_, q, start) in zip(rows, spans):
             self._lengths[r] = start + q
@@ -737,8 +738,7 @@ class LlamaRunner:
             qkv = layer.qkv.small(h)
             if qkv.dtype != torch.float32:
                 qkv = qkv.float()
-            if (d := self._delta("qkv", li, h, lora)) is not None:
-                qkv = qkv + d
+            qkv = self._lora(qkv, "qkv", li, h, lora)
             base = qkv.data_ptr()
             lib.llava_rope(base, cos.data_ptr(), sin.data_ptr(), b, width, nq + nkv, hd)
             rc = lib.llava_decode_attention(
@@ -749,18 +749,15 @@ class LlamaRunner:
                 raise MemoryError("decode attention could not allocate its scratch")
             o = layer.o.small(att)
             o = o if o.dtype == torch.float32 else o.float()  # kept referenced until the call returns
-            if (d := self._delta("o", li, att, lora)) is not None:
-                o = o + d
+            o = self._lora(o, "o", li, att, lora)
             lib.llava_add_rmsnorm(x.data_ptr(), o.data_ptr(), layer.mlp_norm_w.data_ptr(), h.data_ptr(), b,
                                   hidden, self.eps)
             gu = layer.gate_up.small(h)
-            if (d := self._delta("gate_up", li, h, lora)) is not None:
-                gu = gu + d
+            gu = self._lora(gu, "gate_up", li, h, lora)
             a = self.act(gu[:, :inter]) * gu[:, inter:]
             down = layer.down.small(a)
             delta = down if down.dtype == torch.float32 else down.float()
-            if (d := self._delta("down", li, a, lora)) is not None:
-                delta = delta + d
+            delta = self._lora(delta, "down", li, a, lora)
             delta_ptr = delta.data_ptr()
         lib.llava_add_rmsnorm(x.data_ptr(), delta_ptr, self.final_norm_w.data_ptr(), h.data_ptr(), b, hidden, self.eps)
         logits = self.lm_head.small(h).float()
@@ -781,8 +778,7 @@ class LlamaRunner:
         for li, layer in enumerate(self.layers):
             h = self._rms(layer.attn_norm, x)
             qkv = layer.qkv.small(h)
-            if (d := self._delta("qkv", li, h, lora)) is not None:
-                qkv = qkv + d
+            qkv = self._lora(qkv, "qkv", li, h, lora)
             qk = self._rope(qkv[:, : (nq + nkv) * hd].view(b, nq + nkv, hd), cos, sin)
             k_new = qk[:, nq:].to(self.kv_dtype)
             v_new = qkv[:, (nq + nkv) * hd :].view(b, nkv, hd).to(self.kv_dtype)
@@ -798,16 +794,13 @@ class LlamaRunner:
                                                  attn_mask=mask)
             att = att.reshape(b, nq * hd).to(self.act_dtype)
             o = layer.o.small(att).to(self.act_dtype)
-            if (d := self._delta("o", li, att, lora)) is not None:
-                o = o + d
+            o = self._lora(o, "o", li, att, lora)
             x = x + o
             h = self._rms(layer.mlp_norm, x)
             gu = layer.gate_up.small(h)
-            if (d := self._delta("gate_up", li, h, lora)) is not None:
-                gu = gu + d
+            gu = self._lora(gu, "gate_up", li, h, lora)
             a = self.act(gu[:, : self.intermediate]) * gu[:, self.intermediate :]
             down = layer.down.small(a).to(self.act_dtype)
-            if (d := self._delta("down", li, a, lora)) is not None:
-                down = down + d
+            down = self._lora(down, "down", li, a, lora)
             x = x + down
         return self._logits(x, few=True)
