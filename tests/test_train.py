@@ -105,7 +105,7 @@ def test_check_row_rejects_image_in_gpt_turn_and_text_rows_pass():
     with pytest.raises(DatasetError, match="gpt turn"):
         check_row({"conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "<image>"}]}, 0, None)
     row = check_row({"conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "yo"}]}, 3, None)
-    assert row.image is None and row.id == "3"
+    assert row.images == () and row.id == "3"
 
 
 def test_collator_pads_and_mixes_text_only_rows(tiny, tmp_path):

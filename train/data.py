@@ -2,17 +2,19 @@
 
 Promises:
 - `read_rows(path)` reads LLaVA JSON (a list) or JSONL (one object a line) of
-  `{id, image?, conversations: [{from: human|gpt, value}]}`.
+  `{id, image?, conversations: [{from: human|gpt, value}]}`; `image` is one path or a list of paths (several
+  images per row, one `<image>` slot each, in order).
 - `LlavaDataset` checks every row when it is built. A bad row (missing image file, wrong roles, an image without an
-  `<image>` slot or a slot without an image, an unreadable image file) raises `DatasetError` naming the file and
-  the row -- or, with `skip_bad=True`, is dropped and counted in `dataset.skipped` (reason -> count). Nothing is
-  masked silently.
+  `<image>` slot or a slot without an image, slots and images of different counts, an unreadable image file)
+  raises `DatasetError` naming the file and the row -- or, with `skip_bad=True`, is dropped and counted in
+  `dataset.skipped` (reason -> count). Nothing is masked silently.
 - Labels come from `llava.templates.render` with `<image>` expanded to the image's token count, so only assistant
   tokens are trained.
 - Images load lazily (`__getitem__` decodes and preprocesses) unless a feature cache is attached, in which case an
-  item carries the image's cache key instead of pixels (see train/features.py).
+  item carries its images' cache keys instead of pixels (see train/features.py; each image is cached on its own).
 - `Collator` right-pads to the longest row and stacks pixel values or cached features of the batch's images in
-  order; text-only rows mix freely with image rows.
+  order (row by row, each row's images in slot order: the order of the `<image>` token runs that the features are
+  scattered into); text-only rows mix freely with image rows.
 - With `independent_turns=True`, an image row's exchanges become independent single-turn samples packed into ONE
   sequence as a tree (`pack_tree`): the common prefix (system prompt + image tokens) once, then each exchange, which
   attends only to the prefix and to itself (`tree_mask`, a 4D mask, with positions restarting after the prefix).
@@ -64,12 +66,12 @@ def read_rows(path: str | Path) -> list[dict]:
 
 @dataclass(frozen=True)
 class Row:
-    """One validated row: its messages (from/value) and, if any, the absolute image path."""
+    """One validated row: its messages (from/value) and the absolute paths of its images, in slot order."""
 
     index: int
     id: str
     messages: tuple[dict, ...]
-    image: Path | None
+    images: tuple[Path, ...] = ()
 
 
 def check_row(raw: object, index: int, image_folder: Path | None) -> Row:
@@ -98,23 +100,26 @@ def check_row(raw: object, index: int, image_folder: Path | None) -> Row:
     if image is None:
         if slots:
             raise DatasetError(f"{where}: has {slots} {IMAGE_PLACEHOLDER} slot(s) but no 'image'")
-        return Row(index, rid, tuple(conv), None)
-    if not isinstance(image, str):
-        raise DatasetError(f"{where}: 'image' must be one relative path (string), got {image!r}")
-    if slots != 1:
-        raise DatasetError(f"{where}: has an image but {slots} {IMAGE_PLACEHOLDER} slots (need exactly one)")
-    path = (image_folder / image) if image_folder is not None else Path(image)
-    if not path.is_file():
-        raise DatasetError(f"{where}: missing image file {path}")
-    return Row(index, rid, tuple(conv), path)
+        return Row(index, rid, tuple(conv))
+    names = [image] if isinstance(image, str) else image
+    if not isinstance(names, list) or not names or not all(isinstance(n, str) for n in names):
+        raise DatasetError(f"{where}: 'image' must be a relative path or a non-empty list of them, got {image!r}")
+    if slots != len(names):
+        raise DatasetError(f"{where}: has {len(names)} image(s) but {slots} {IMAGE_PLACEHOLDER} slot(s) "
+                           "(need one slot per image)")
+    paths = tuple((image_folder / n) if image_folder is not None else Path(n) for n in names)
+    for path in paths:
+        if not path.is_file():
+            raise DatasetError(f"{where}: missing image file {path}")
+    return Row(index, rid, tuple(conv), paths)
 
 
 @dataclass
 class Example:
     input_ids: list[int]
     labels: list[int]
-    pixel_values: torch.Tensor | None = None  # [3, S, S] when images load lazily
-    image_key: str | None = None  # content key when a feature cache supplies the image
+    pixel_values: list[torch.Tensor] = field(default_factory=list)  # one [3, S, S] per image when images load lazily
+    image_keys: list[str] = field(default_factory=list)  # content keys (slot order) when a feature cache supplies them
     # Independent turns packed as a tree: segment 0 = the shared prefix, k = the k-th exchange (sees only the prefix
     # and itself); positions restart after the prefix for every exchange. None = one ordinary causal sequence.
     segments: list[int] | None = None
@@ -122,13 +127,14 @@ class Example:
 
 
 def exchanges(messages: Sequence[dict]) -> list[list[dict]]:
-    """A from/value conversation as single-turn conversations, each with the image slot of the first turn."""
+    """A from/value conversation as single-turn conversations, each opening with all the conversation's image slots."""
     pairs = [list(messages[i:i + 2]) for i in range(0, len(messages), 2)]
     slot = IMAGE_PLACEHOLDER + "\n"
+    slots = slot * sum(m["value"].count(IMAGE_PLACEHOLDER) for m in messages)
     out = []
     for human, gpt in pairs:
         text = human["value"].replace(slot, "").replace(IMAGE_PLACEHOLDER, "")
-        out.append([{"from": "human", "value": slot + text}, {"from": "gpt", "value": gpt["value"]}])
+        out.append([{"from": "human", "value": slots + text}, {"from": "gpt", "value": gpt["value"]}])
     return out
 
 
@@ -188,8 +194,9 @@ class LlavaDataset(Dataset):
         for i, raw in enumerate(raw_rows, offset):
             try:
                 row = check_row(raw, i, self.image_folder)
-                if verify_images and row.image is not None and row.image not in self.image_keys:
-                    self.image_keys[row.image] = self._decode_key(row)
+                for image in row.images if verify_images else ():
+                    if image not in self.image_keys:
+                        self.image_keys[image] = self._decode_key(row, image)
             except DatasetError as e:
                 if not skip_bad:
                     raise DatasetError(f"{self.path}: {e}") from None
@@ -198,36 +205,38 @@ class LlavaDataset(Dataset):
             rows.append(row)
         return rows
 
-    def _decode_key(self, row: Row) -> str:
+    def _decode_key(self, row: Row, image: Path) -> str:
         try:
-            return content_hash(load_image(row.image))
+            return content_hash(load_image(image))
         except ImageError as e:
-            raise DatasetError(f"row {row.index} (id {row.id!r}): unreadable image file {row.image}: {e}") from None
+            raise DatasetError(f"row {row.index} (id {row.id!r}): unreadable image file {image}: {e}") from None
 
     def _length(self, row: Row) -> int:
         """Approximate token count (words + image tokens), for length grouping without tokenizing everything."""
         words = sum(len(t["value"].split()) for t in row.messages)
-        return words * 2 + (num_image_tokens(self.proc, (self.proc.size, self.proc.size)) if row.image else 0)
+        return words * 2 + len(row.images) * self._tokens_per_image(len(row.images) > 1)
+
+    def _tokens_per_image(self, multi: bool) -> int:
+        return num_image_tokens(self.proc, (self.proc.size, self.proc.size), multi)
 
     @property
     def modalities(self) -> list[bool]:
-        return [r.image is not None for r in self.rows]
+        return [bool(r.images) for r in self.rows]
 
     def __len__(self) -> int:
         return len(self.rows)
 
     def __getitem__(self, i: int) -> Example:
         row = self.rows[i]
-        counts = None
-        pixel_values = key = None
-        if row.image is not None:
-            if self.use_cache:
-                key = self.image_keys[row.image]
-                counts = [num_image_tokens(self.proc, (self.proc.size, self.proc.size))]
-            else:
-                processed = preprocess(self._load(row), self.proc)
-                pixel_values, counts = processed.pixel_values, [processed.num_tokens]
-        if self.independent_turns and row.image is not None and len(row.messages) > 2:
+        counts, pixel_values, keys = None, [], []
+        multi = len(row.images) > 1
+        if row.images and self.use_cache:
+            keys = [self.image_keys[p] for p in row.images]
+            counts = [self._tokens_per_image(multi)] * len(keys)
+        elif row.images:
+            processed = [preprocess(self._load(row, p), self.proc, multi) for p in row.images]
+            pixel_values, counts = [p.pixel_values for p in processed], [p.num_tokens for p in processed]
+        if self.independent_turns and row.images and len(row.messages) > 2:
             rendered = [render(m, self.template, self.tokenizer, image_token_counts=counts) for m in exchanges(row.messages)]
             ids, labels, segments, positions = pack_tree(rendered, self.tokenizer.image_token_id)
         else:
@@ -238,13 +247,13 @@ class LlavaDataset(Dataset):
                 f"{self.path}: row {row.index} (id {row.id!r}) has {len(ids)} tokens > max_length {self.max_length}; "
                 "truncating would cut image tokens or answers"
             )
-        return Example(ids, labels, pixel_values, key, segments, positions)
+        return Example(ids, labels, pixel_values, keys, segments, positions)
 
-    def _load(self, row: Row):
+    def _load(self, row: Row, image: Path):
         try:
-            return load_image(row.image)
+            return load_image(image)
         except ImageError as e:
-            raise DatasetError(f"{self.path}: row {row.index} (id {row.id!r}): unreadable image file {row.image}: {e}") from None
+            raise DatasetError(f"{self.path}: row {row.index} (id {row.id!r}): unreadable image file {image}: {e}") from None
 
 
 def _reason(message: str) -> str:
@@ -272,8 +281,8 @@ class Collator:
         batch = {"input_ids": ids, "labels": labels, "attention_mask": mask}
         if any(e.segments is not None for e in examples):
             batch["attention_mask"], batch["position_ids"] = tree_mask(examples, width)
-        keys = [e.image_key for e in examples if e.image_key is not None]
-        pixels = [e.pixel_values for e in examples if e.pixel_values is not None]
+        keys = [k for e in examples for k in e.image_keys]
+        pixels = [p for e in examples for p in e.pixel_values]
         if keys:
             batch["image_features"] = self.feature_lookup(keys)  # [n_images, T, D]
         if pixels:

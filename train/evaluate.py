@@ -7,6 +7,10 @@ Promises:
   F1 and yes-ratio with "yes" as the positive class, as POPE reports them.
 - `--questions FILE.jsonl` takes LLaVA's question format (`{question_id, image, text}`) and writes LLaVA's answer
   JSONL (`{question_id, prompt, text, answer_id, model_id, metadata}`), so other benchmarks plug in.
+- `--rows FILE.json` asks the first human turn of LLaVA training-format rows (train/scenes.py's test.json and
+  paraphrase_test.json) and scores the answers against their gpt turn with `train.scenes_eval.score` (per family,
+  caption object recall). A question may carry several images (`image` a list, its `<image>` markers in the text
+  where the images go); without markers, one `<image>` line per image opens the prompt.
 - A JSON report and a markdown report are written to `--out-dir`; the LAST printed line is one JSON object with at
   least `accuracy` (0-1) and `n`.
 - Prompts are built by the one renderer (`LoadedModel.render`). By default answers come from the serving engine
@@ -35,15 +39,16 @@ from tqdm import tqdm
 
 from llava.hardware import cpu_info
 from llava.loading import LoadedModel, load_model
-from llava.templates import stop_token_ids
-from train import easyvqa
+from llava.templates import IMAGE_PLACEHOLDER, stop_token_ids
+from train import easyvqa, scenes_eval
+from train.data import read_rows
 
 
 @dataclass(frozen=True)
 class Item:
     qid: str | int
-    image: str | None
-    prompt: str  # the user's text (without the <image> marker)
+    image: str | tuple[str, ...] | None  # one path, or several (in the order of the prompt's <image> markers)
+    prompt: str  # the user's text; without <image> markers, one opening line per image is added
     answer: str | None = None  # reference, when known
     qtype: str | None = None
 
@@ -62,6 +67,38 @@ def easyvqa_items(limit: int | None, seed: int = 0) -> list[Item]:
     return [Item(q.qid, q.image, easyvqa.prompt(q.text), q.answer, q.type) for q in qs]
 
 
+def image_paths(it: Item) -> tuple[str, ...]:
+    if it.image is None:
+        return ()
+    return (it.image,) if isinstance(it.image, str) else tuple(it.image)
+
+
+def user_content(it: Item) -> str:
+    """The user turn: the prompt, opened by one `<image>` line per image unless it places its markers itself."""
+    if IMAGE_PLACEHOLDER in it.prompt:
+        return it.prompt
+    return (IMAGE_PLACEHOLDER + "\n") * len(image_paths(it)) + it.prompt
+
+
+def _in_folder(image, folder: Path | None):
+    if image is None or folder is None:
+        return image
+    return str(folder / image) if isinstance(image, str) else tuple(str(folder / i) for i in image)
+
+
+def row_items(rows: Sequence[dict], image_folder: Path | None, limit: int | None = None) -> list[Item]:
+    """LLaVA rows -> one question each (the first human turn; answer = the last gpt turn; type = `family`)."""
+    items = []
+    for row in rows[:limit]:
+        text = row["conversations"][0]["value"]
+        image = row.get("image")
+        if isinstance(image, str):  # a single image: its marker line goes, the renderer adds it back
+            text = text.replace(IMAGE_PLACEHOLDER + "\n", "", 1).replace(IMAGE_PLACEHOLDER, "")
+        items.append(Item(row["id"], _in_folder(image, image_folder), text, row["conversations"][-1]["value"],
+                          row.get("family")))
+    return items
+
+
 def jsonl_items(path: Path, image_folder: Path | None, limit: int | None) -> list[Item]:
     items = []
     for n, line in enumerate(path.read_text().splitlines(), 1):
@@ -71,10 +108,23 @@ def jsonl_items(path: Path, image_folder: Path | None, limit: int | None) -> lis
         if "question_id" not in row or "text" not in row:
             raise ValueError(f"{path}: line {n}: a question needs question_id and text, got keys {sorted(row)}")
         image = row.get("image")
-        if image is not None and image_folder is not None:
-            image = str(image_folder / image)
-        items.append(Item(row["question_id"], image, row["text"], row.get("answer"), row.get("category")))
+        image = tuple(image) if isinstance(image, list) else image
+        items.append(Item(row["question_id"], _in_folder(image, image_folder), row["text"], row.get("answer"),
+                          row.get("category")))
     return items[:limit]
+
+
+class ImageMemo:
+    """An item's processed images, each image list processed once (easy-VQA asks ~10 questions per image)."""
+
+    def __init__(self, lm: LoadedModel):
+        self.lm, self.memo = lm, {}
+
+    def __call__(self, it: Item) -> list:
+        paths = image_paths(it)
+        if paths not in self.memo:
+            self.memo[paths] = self.lm.process_images(list(paths)) if paths else []
+        return self.memo[paths]
 
 
 class Answerer:
@@ -84,17 +134,11 @@ class Answerer:
         self.lm, self.max_new_tokens = lm, max_new_tokens
         self.stop_ids = stop_token_ids(lm.template, lm.tokenizer)
         self.pad_id = lm.tokenizer.pad_token_id if lm.tokenizer.pad_token_id is not None else self.stop_ids[0]
-        self._images: dict[str, object] = {}  # path -> ProcessedImage; easy-VQA asks ~10 questions per image
-
-    def _image(self, path: str):
-        if path not in self._images:
-            self._images[path] = self.lm.process_images([path])[0]
-        return self._images[path]
+        self._images = ImageMemo(lm)
 
     def _prompt(self, it: Item) -> tuple[list[int], list]:
-        images = [self._image(it.image)] if it.image else []
-        content = f"<image>\n{it.prompt}" if images else it.prompt
-        return self.lm.render([{"role": "user", "content": content}], images).input_ids, images
+        images = self._images(it)
+        return self.lm.render([{"role": "user", "content": user_content(it)}], images).input_ids, images
 
     def _generate(self, ids: torch.Tensor, mask: torch.Tensor, **kwargs) -> torch.Tensor:
         with torch.no_grad():
@@ -128,11 +172,11 @@ class Answerer:
         its KV cache repeated for every question; only the differing suffixes are computed per question. The
         padding sits between prefix and suffix, masked out, with positions taken from the attention mask."""
         rows = [self._prompt(it)[0] for it in batch]
-        images = [self._image(batch[0].image)]
+        images = self._images(batch[0])
         n = _common_prefix(rows)
         n = min(n, min(map(len, rows)) - 1)  # every row keeps at least one token to feed
         image_id = self.lm.image_token_id
-        if any(image_id in r[n:] for r in rows) or len(batch) == 1:
+        if any(image_id in r[n:] for r in rows) or len(batch) == 1 or len(images) != 1:
             return self(batch)
         with torch.no_grad():
             cache = self.lm.model(
@@ -160,21 +204,15 @@ class EngineAnswerer:
         self.engine = Engine(lm.model, lm.tokenizer, eos_token_ids=stop_token_ids(lm.template, lm.tokenizer),
                              max_batch_size=max_batch_size, min_prefix_tokens=8)
         self.sampling = SamplingParams(max_new_tokens=max_new_tokens, stop=tuple(lm.template.stop_strings))
-        self._images: dict[str, object] = {}
-
-    def _image(self, path: str):
-        if path not in self._images:
-            self._images[path] = self.lm.process_images([path])[0]
-        return self._images[path]
+        self._images = ImageMemo(lm)
 
     def __call__(self, items: Sequence[Item], progress: bool = True) -> list[str]:
         from llava.engine import GenerationRequest
 
         handles = []
         for it in items:
-            images = [self._image(it.image)] if it.image else []
-            content = f"<image>\n{it.prompt}" if images else it.prompt
-            ids = self.lm.render([{"role": "user", "content": content}], images).input_ids
+            images = self._images(it)
+            ids = self.lm.render([{"role": "user", "content": user_content(it)}], images).input_ids
             handles.append(self.engine.submit(GenerationRequest(ids, images, self.sampling)))
         bar = tqdm(total=len(handles), desc="answer", disable=not progress)
         while self.engine.step():
@@ -275,6 +313,8 @@ def parse_args(argv):
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--benchmark", choices=["easyvqa"])
     src.add_argument("--questions", type=Path, help="LLaVA question JSONL ({question_id, image, text})")
+    src.add_argument("--rows", type=Path, help="LLaVA rows with answers and families (train.scenes test.json); "
+                     "images relative to the file's folder unless --image-folder")
     p.add_argument("--image-folder", type=Path, default=None)
     p.add_argument("--answers-file", type=Path, default=None, help="answer JSONL (default: <out-dir>/answers.jsonl)")
     p.add_argument("--limit", type=int, default=None)
@@ -299,8 +339,14 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     lm = load_model(args.model_path, model_base=args.model_base, template=args.template, dtype=args.dtype,
                     quantization=args.quantization)
-    bench = args.benchmark or args.questions.stem
-    items = easyvqa_items(args.limit, args.seed) if args.benchmark else jsonl_items(args.questions, args.image_folder, args.limit)
+    bench = args.benchmark or (args.questions or args.rows).stem
+    rows = read_rows(args.rows)[:args.limit] if args.rows else None
+    if rows is not None:
+        items = row_items(rows, args.image_folder or args.rows.parent)
+    elif args.benchmark:
+        items = easyvqa_items(args.limit, args.seed)
+    else:
+        items = jsonl_items(args.questions, args.image_folder, args.limit)
     out_dir = args.out_dir or Path("runs") / "eval" / f"{lm.name}-{bench}-{len(items)}"
     out_dir.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
@@ -314,7 +360,10 @@ def main(argv: list[str] | None = None) -> int:
     report = {"benchmark": bench, "model": args.model_path, "n": len(items), "seconds": seconds,
               "backend": args.backend, "dtype": str(lm.dtype).removeprefix("torch."),
               "quantization": lm.quantization, "cpu": cpu_info().summary()}
-    if all(it.answer is not None for it in items):
+    if rows is not None:
+        report.update(scenes_eval.score(rows, {str(it.qid): a for it, a in zip(items, answers)}))
+        report["accuracy"] = report["overall"]
+    elif all(it.answer is not None for it in items):
         report.update(score(items, answers))
     else:
         report["accuracy"] = None  # no references: answers only
@@ -322,6 +371,8 @@ def main(argv: list[str] | None = None) -> int:
     if report["accuracy"] is not None:
         (out_dir / "report.md").write_text(markdown(report))
     summary = {k: report[k] for k in ("accuracy", "n", "seconds", "benchmark", "dtype", "quantization") if k in report}
+    if "families" in report:
+        summary["families"] = {f: v["score"] for f, v in report["families"].items()}
     if "per_type" in report:
         summary["per_type"] = {t: round(v["accuracy"], 4) for t, v in report["per_type"].items()}
     if "yes_no" in report:

@@ -13,9 +13,10 @@ Promises:
   (last line: one JSON object) and writes it to `--out` when given.
 - `--to-questions FILE.jsonl` writes single-image rows as `{question_id, image, text, answer, category}` -- what
   `llava.eval.model_vqa_loader` and `train.evaluate --questions` read (text without the `<image>` marker, which the
-  runner adds; images relative to the questions file's folder, pass it as `--image-folder`). Neither runner takes
-  several images per question, so two-image rows go to FILE.multi.jsonl instead (`image` a list, `text` with its
-  `<image>` markers in place) for a runner that does.
+  runner adds; images relative to the questions file's folder, pass it as `--image-folder`). `model_vqa_loader`
+  takes one image per question, so two-image rows go to FILE.multi.jsonl instead (`image` a list, `text` with its
+  `<image>` markers in place), which `train.evaluate --questions` reads; `train.evaluate --rows` asks test.json as
+  it is, both kinds together.
 """
 
 from __future__ import annotations
@@ -130,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
             single, multi = to_questions(rows, args.to_questions)
             print(f"{single}: single-image questions (run with --image-folder {args.questions.resolve().parent})")
             if multi:
-                print(f"{multi}: two-image questions (image lists; our runners take one image per question)")
+                print(f"{multi}: two-image questions (image lists; run with train.evaluate --questions)")
         if args.answers:
             report = score(rows, read_answers(args.answers))
             if args.out:

@@ -49,7 +49,7 @@ from train import easyvqa
 from train.data import Collator, LlavaDataset
 from train.features import FeatureCache
 from train.modeling import LlavaForTraining, add_lora, projector_state, set_trainable
-from train.trainer import LlavaTrainer, StepTimer, global_batch, params_summary, write_run_report
+from train.trainer import LlavaTrainer, StepTimer, TimeBudget, global_batch, params_summary, write_run_report
 
 Tune = Literal["projector", "full", "lora", "qlora"]
 
@@ -79,6 +79,7 @@ class TrainConfig(BaseModel):
     scheduler: str = "cosine"
     epochs: float = 1.0
     max_steps: int = -1
+    max_minutes: float | None = None  # wall-time budget: stop after the step that exceeds it (1 process)
     batch_size: int = 8
     grad_accum: int = 1
     bf16: bool | Literal["auto"] = "auto"  # bf16 autocast; auto = only where the CPU/GPU runs bf16 natively
@@ -328,9 +329,14 @@ def run(cfg: TrainConfig) -> dict:
         extra["cache_measurement"] = measure_cache(model, ds, cache, tokenizer.pad_token_id, cfg)
         print(json.dumps({"cache_measurement": extra["cache_measurement"]}), flush=True)
     timer = StepTimer()
+    callbacks = [timer]
+    if cfg.max_minutes is not None:
+        if args.world_size > 1:
+            raise ConfigError("max_minutes needs a single process (processes would stop at different steps)")
+        callbacks.append(budget := TimeBudget(cfg.max_minutes))
     trainer = LlavaTrainer(
         model=model, args=args, train_dataset=ds, data_collator=Collator(tokenizer.pad_token_id, cache),
-        projector_lr=cfg.projector_lr, group_by_modality_length=cfg.group_by_modality_length, callbacks=[timer],
+        projector_lr=cfg.projector_lr, group_by_modality_length=cfg.group_by_modality_length, callbacks=callbacks,
     )
     last = resume_point(cfg, out_dir)
     t_train = time.perf_counter()
@@ -338,6 +344,7 @@ def run(cfg: TrainConfig) -> dict:
     extra.update(train_seconds=time.perf_counter() - t_train, total_seconds=time.perf_counter() - t_start,
                  final_loss=result.training_loss, resumed_from=last, global_step=trainer.state.global_step,
                  seconds_per_step=timer.seconds_per_step(),
+                 stopped_by_time_budget_at=budget.stopped_at if cfg.max_minutes is not None else None,
                  zero_stage=trainer.accelerator.state.deepspeed_plugin.zero_stage if trainer.is_deepspeed_enabled else None)
     with gathered_weights(model):
         if args.should_save:

@@ -101,6 +101,23 @@ class StepTimer(TrainerCallback):
         return statistics.median(self.seconds[1:]) if len(self.seconds) > 1 else None
 
 
+class TimeBudget(TrainerCallback):
+    """Ends training once `minutes` of wall time have passed since it began (this process): the step in progress
+    finishes and the run's outputs are saved as after a full run, so a run on a busy machine lands on time.
+    Single-process only: processes that stopped at different steps would wait on each other forever."""
+
+    def __init__(self, minutes: float):
+        self.seconds, self._start, self.stopped_at = minutes * 60, 0.0, None
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self._start = time.perf_counter()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if time.perf_counter() - self._start > self.seconds:
+            control.should_training_stop = True
+            self.stopped_at = state.global_step
+
+
 def write_run_report(trainer: Trainer, out_dir: Path, extra: dict) -> dict:
     """metrics.json (log history + extra figures) and loss.png (training loss by step)."""
     history = trainer.state.log_history
