@@ -175,3 +175,29 @@ def test_science_qa_rule_and_accuracy_worked_by_hand(tmp_path):
     assert out == {"acc": 50.0, "img_acc": 50.0, "correct": 2, "count": 4}
     saved = json.loads((tmp_path / "s.json").read_text())
     assert saved["results"] == {"1": 1, "2": 0, "3": 1, "4": -1} and saved["acc"] == 50.0
+
+
+def test_questions_about_one_image_start_from_the_first_ones_prompt(setup, tmp_path, monkeypatch):
+    """The first question about an image goes first; the image's other questions reuse its computed prompt
+    (system turn + image tokens) from the engine's prefix cache, and the answers are the same as without reuse."""
+    from llava.engine import Engine
+
+    handles = []
+    submit = Engine.submit
+    monkeypatch.setattr(Engine, "submit", lambda self, req: handles.append(submit(self, req)) or handles[-1])
+    answers = tmp_path / "a.jsonl"
+    model_vqa_loader.main(argv(setup, answers))
+    results = {r.request_id: r for r in (h.result() for h in handles)}
+    assert len(results) == 5
+    # submission order: the leaders of im0, im1, im2 (q0, q1, q2), then q3 (im0) and q4 (im1) from their prompts
+    cached = [r.cached_tokens for r in results.values()]
+    assert cached[:3] == [0, 0, 0] and min(cached[3:]) >= 16
+    alone = tmp_path / "alone"
+    alone.mkdir()
+    for i, row in enumerate(setup[4]):  # each question in a run of its own: no reuse possible
+        q = alone / f"q{i}.jsonl"
+        q.write_text(json.dumps(row) + "\n")
+        args = argv(setup, alone / f"a{i}.jsonl")
+        args[args.index("--question-file") + 1] = str(q)
+        model_vqa_loader.main(args)
+    assert [a["text"] for a in read(answers)] == [read(alone / f"a{i}.jsonl")[0]["text"] for i in range(5)]

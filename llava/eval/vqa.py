@@ -11,9 +11,10 @@ Promises:
   continued: those are skipped, nothing is written twice (a killed run resumes). Answers are written in question
   order, each flushed.
 - `--conv-mode` takes the original's conversation names; an unknown one is an error listing them.
-- All questions are submitted to one engine (a bounded window in flight), so they decode in batches and questions
-  sharing an image encode it once. temperature 0 is greedy; `--num_beams` other than 1 is refused (the engine
-  decodes one sequence per request).
+- All questions are submitted to one engine (a bounded window in flight), so they decode in batches; questions
+  sharing an image encode it once and, after the first of them has computed its prompt, start from that prompt's
+  cached keys and values (system turn + image tokens), prefilling only their own text (`_in_order`).
+  temperature 0 is greedy; `--num_beams` other than 1 is refused (the engine decodes one sequence per request).
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import json
 import math
 import os
 import uuid
-from collections import deque
+from collections import OrderedDict
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -164,11 +165,18 @@ def run(args: argparse.Namespace, questions: list[Question], loaded=None) -> int
     engine = Engine(lm.model, lm.tokenizer, eos_token_ids=stop_token_ids(template, lm.tokenizer),
                     context_length=lm.context_length).start()
 
+    processed: OrderedDict = OrderedDict()  # the last images processed (a window asks about each several times)
+
     def request(q: Question):
         images = []
         if q.image is not None:
-            src = q.image if isinstance(q.image, bytes) else os.path.join(args.image_folder, q.image)
-            images = lm.process_images([load_image(src)])
+            key = _image_key(q)
+            if key not in processed:
+                src = q.image if isinstance(q.image, bytes) else os.path.join(args.image_folder, q.image)
+                processed[key] = lm.process_images([load_image(src)])
+                if len(processed) > 2 * IN_FLIGHT:
+                    processed.popitem(last=False)
+            images = processed[key]
         ids = render([{"role": "user", "content": q.text}], template, lm.tokenizer,
                      image_token_counts=[im.num_tokens for im in images], add_generation_prompt=True).input_ids
         return GenerationRequest(ids, images, sampling)
@@ -186,14 +194,51 @@ def run(args: argparse.Namespace, questions: list[Question], loaded=None) -> int
     return written
 
 
-def _in_order(engine, questions: list[Question], make_request) -> Iterator[tuple[Question, object]]:
-    """(question, result) in question order, with up to IN_FLIGHT requests in the engine at once."""
-    pending: deque[tuple[Question, object]] = deque()
-    for q in questions:
-        pending.append((q, engine.submit(make_request(q))))
-        if len(pending) >= IN_FLIGHT:
-            first, handle = pending.popleft()
-            yield first, handle.result()
-    for q, handle in pending:
-        yield q, handle.result()
+def _image_key(q: Question):
+    """What identifies a question's image for sharing its prompt prefix (None: no image)."""
+    if q.image is None:
+        return None
+    return ("bytes", hash(q.image)) if isinstance(q.image, bytes) else ("file", q.image)
 
+
+def _in_order(engine, questions: list[Question], make_request) -> Iterator[tuple[Question, object]]:
+    """(question, result) in question order, submitted in windows of IN_FLIGHT questions.
+
+    Questions about one image share their prompt up to the end of the image (system turn, image tokens), but the
+    engine reuses a prefix only from a request that has computed it (a running or finished one). So in each window
+    the first question of each image not seen before goes first (a "leader"); once the leaders have their first
+    token (their prompts computed, together in batched prefills), the window's other questions follow and prefill
+    only their own text. The next window's leaders are submitted before this window's answers are collected, so
+    the engine is not idle between windows."""
+    seen: set = set()  # images whose prefix an earlier leader computed (kept in the engine's prefix cache, LRU)
+
+    def lead(window):
+        handles: list = [None] * len(window)
+        leaders = {}
+        for j, q in enumerate(window):
+            key = _image_key(q)
+            if key is not None and key not in seen and key not in leaders:
+                leaders[key] = j
+                handles[j] = engine.submit(make_request(q))
+        return handles, leaders
+
+    def follow(window, handles, leaders):
+        for key, j in leaders.items():
+            next(iter(handles[j]), None)  # the first event: its prompt is computed
+            seen.add(key)
+        for j, q in enumerate(window):
+            if handles[j] is None:
+                handles[j] = engine.submit(make_request(q))
+
+    windows = [questions[i : i + IN_FLIGHT] for i in range(0, len(questions), IN_FLIGHT)]
+    if not windows:
+        return
+    current = lead(windows[0])
+    follow(windows[0], *current)
+    for w, window in enumerate(windows):
+        upcoming = lead(windows[w + 1]) if w + 1 < len(windows) else None
+        for q, handle in zip(window, current[0]):
+            yield q, handle.result()
+        if upcoming is not None:
+            follow(windows[w + 1], *upcoming)
+            current = upcoming
