@@ -189,9 +189,10 @@ def test_questions_about_one_image_start_from_the_first_ones_prompt(setup, tmp_p
     model_vqa_loader.main(argv(setup, answers))
     results = {r.request_id: r for r in (h.result() for h in handles)}
     assert len(results) == 5
-    # submission order: the leaders of im0, im1, im2 (q0, q1, q2), then q3 (im0) and q4 (im1) from their prompts
+    # submission order: the leaders of im0, im1, im2 (q0, q1, q2), then q3 (im0) and q4 (im1) from their prompts,
+    # past the image (a leader can at most reuse the system turn before its image)
     cached = [r.cached_tokens for r in results.values()]
-    assert cached[:3] == [0, 0, 0] and min(cached[3:]) >= 16
+    assert min(cached[3:]) > max(cached[:3]) and min(cached[3:]) >= 16
     alone = tmp_path / "alone"
     alone.mkdir()
     for i, row in enumerate(setup[4]):  # each question in a run of its own: no reuse possible
