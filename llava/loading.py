@@ -173,6 +173,21 @@ def resolve_quantization(quantization: str | None, device: str, meta: LlavaMeta 
     return None, "auto: the checkpoint records no CPU quantization that passed a quality gate"
 
 
+def quantized_cache_key(hf_path: str, model, kind: str) -> str | None:
+    """What the quantized weights of a local checkpoint folder depend on: its weight files (name, size, mtime),
+    the dtype they were loaded in, the format and the quantizer's version; None for hub ids (not cached)."""
+    from llava.buildcache import digest
+    from llava.quant import INT4_RANK, QUANT_CACHE_FORMAT
+
+    folder = Path(hf_path)
+    if not folder.is_dir():
+        return None
+    files = sorted(f for f in folder.iterdir() if f.suffix in (".safetensors", ".bin") or f.name == "config.json")
+    stamps = [f"{f.resolve()}:{f.stat().st_size}:{f.stat().st_mtime_ns}" for f in files]
+    dtype = str(model.get_input_embeddings().weight.dtype)
+    return digest(*stamps, dtype, kind, str(INT4_RANK), QUANT_CACHE_FORMAT)
+
+
 def load_model(path: str, options: LoadOptions | None = None, **overrides: Any) -> LoadedModel:
     """Load a llava model for inference (eval mode) as `options` (a `LoadOptions`; keyword arguments override its
     fields: `load_model(path, dtype="float32")`).
@@ -226,7 +241,8 @@ def load_model(path: str, options: LoadOptions | None = None, **overrides: Any) 
     report = {}
     if quantization in QUANTIZATIONS:
         try:
-            report = quantize_llm(model, quantization, compute_dtype=dtype)
+            report = quantize_llm(model, quantization, compute_dtype=dtype,
+                                  cache_key=quantized_cache_key(hf_path, model, quantization))
         except QuantizationError as e:
             raise LoadError(f"{path}: {e}") from None
     reason = f"dtype {str(dtype).removeprefix('torch.')} ({choice.reason}); quantization {quantization or 'none'} ({quant_reason})"

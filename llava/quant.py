@@ -285,12 +285,49 @@ def _targets(model) -> list[tuple[nn.Module, str, nn.Linear]]:
     return found
 
 
+# bump when the stored quantized state changes meaning
+QUANT_CACHE_FORMAT = "1"
+_STATE_KEYS = {"int4": ("packed", "scales_zeros", "lr_u", "lr_v"), "int8": ("codes_", "scales")}
+
+
+def _qualified_targets(model) -> list[tuple[str, nn.Module, str, nn.Linear]]:
+    names = {id(m): n for n, m in model.named_modules()}
+    return [(f"{names[id(parent)]}.{name}".lstrip("."), parent, name, linear) for parent, name, linear in _targets(model)]
+
+
+def _build_state(targets, kind: str, compute_dtype: torch.dtype, rank: int | None) -> dict[str, torch.Tensor]:
+    state = {}
+    for qname, _, _, linear in targets:
+        try:
+            q = quantize_linear(linear, kind, compute_dtype, rank)
+        except QuantizationError:
+            continue  # stays dense; quantize_llm lists why
+        for key in _STATE_KEYS[kind]:
+            if getattr(q, key) is not None:
+                state[f"{qname}/{key}"] = getattr(q, key).contiguous()
+    return state
+
+
+def _from_state(kind: str, state: dict[str, torch.Tensor], qname: str, linear: nn.Linear,
+                compute_dtype: torch.dtype) -> QuantLinear | None:
+    t = {key: state.get(f"{qname}/{key}") for key in _STATE_KEYS[kind]}
+    if kind == "int4" and t["packed"] is not None:
+        return Int4Linear(t["packed"], t["scales_zeros"], linear.out_features, linear.bias, compute_dtype,
+                          t["lr_u"], t["lr_v"])
+    if kind == "int8" and t["codes_"] is not None:
+        return Int8Linear(t["codes_"], t["scales"], linear.bias, compute_dtype)
+    return None
+
+
 def quantize_llm(model, kind: str, *, compute_dtype: torch.dtype = torch.float32,
-                 dense_budget_bytes: int | None = None, rank: int | None = None) -> dict:
+                 dense_budget_bytes: int | None = None, rank: int | None = None, cache_key: str | None = None) -> dict:
     """Replace the LLM's linear layers by `kind` ("int8" / "int4") in place. Returns a report with byte counts.
 
     Layers whose shape the format cannot hold (int4: in_features not a multiple of 32) stay dense (listed).
     dense_budget_bytes: total size allowed for the dequantized copies kept for prefill (default: 1/8 of RAM).
+    cache_key: names these weights (`llava.loading` derives it from the checkpoint's files, the weights' dtype,
+    kind and rank): the quantized state is computed once into the cache and read back on later loads (int4's
+    low-rank correction costs one SVD per matrix and alternation: minutes for the default model on 2 cores).
     """
     if kind not in _CLASSES:
         raise QuantizationError(f"unknown quantization {kind!r}; valid on CPU: {', '.join(QUANTIZATIONS)}")
@@ -300,12 +337,25 @@ def quantize_llm(model, kind: str, *, compute_dtype: torch.dtype = torch.float32
     head = model.get_output_embeddings()
     before += 0 if head.weight is model.get_input_embeddings().weight else head.weight.numel() * head.weight.element_size()
     skipped, made = [], []
-    for parent, name, linear in _targets(model):
-        try:
-            q = quantize_linear(linear, kind, compute_dtype, rank)
-        except QuantizationError as e:
-            skipped.append(f"{name}: {e}")
-            continue
+    targets = _qualified_targets(model)
+    state = None
+    if cache_key is not None:
+        from safetensors.torch import load_file, save_file
+
+        from llava.buildcache import build_once, cache_dir
+
+        folder = build_once(cache_dir() / "quantized" / f"{kind}-{cache_key}", lambda tmp: save_file(
+            _build_state(targets, kind, compute_dtype, rank), str(tmp / "state.safetensors"),
+            metadata={"format": QUANT_CACHE_FORMAT, "kind": kind}))
+        state = load_file(str(folder / "state.safetensors"))
+    for qname, parent, name, linear in targets:
+        q = None if state is None else _from_state(kind, state, qname, linear, compute_dtype)
+        if q is None:
+            try:
+                q = quantize_linear(linear, kind, compute_dtype, rank)
+            except QuantizationError as e:
+                skipped.append(f"{name}: {e}")
+                continue
         setattr(parent, name, q)
         made.append(q)
     dense_bytes = sum(q.out_features * q.in_features * torch.finfo(compute_dtype).bits // 8 for q in made)
