@@ -68,6 +68,20 @@ def bearer(request: Request) -> str:
     return auth[7:].strip() if auth.lower().startswith("bearer ") else ""
 
 
+def require_token_middleware(app, token: str | None) -> None:
+    """Every request to a worker `app` but /health must carry the cluster token (when one is set); refusals are
+    framed on the generate endpoints, as LLaVA's clients read them."""
+
+    @app.middleware("http")
+    async def cluster_token(request: Request, call_next):
+        if request.url.path != "/health":
+            try:
+                check_token(request, token, f"{request.url.path} on this worker")
+            except ServeError as e:
+                return error_response(e, framed=request.url.path.startswith("/worker_generate"))
+        return await call_next(request)
+
+
 def check_token(request: Request, token: str | None, what: str) -> None:
     """Refuse `what` (e.g. "worker registration") unless the request carries the cluster token (when one is set)."""
     if token and not hmac.compare_digest(bearer(request).encode(), token.encode()):

@@ -59,9 +59,9 @@ from pydantic import BaseModel
 
 from serve.common import (
     AUTH_TOKEN_HELP, DEFAULT_MAX_BODY_BYTES, KEEP_ALIVE_SECONDS, STREAM_MEDIA_TYPE, add_config_args, add_engine_args,
-    add_precision_args, auth_headers, check_token, config_from_args, decode_image_payload, encode_chunk,
+    add_precision_args, auth_headers, config_from_args, decode_image_payload, encode_chunk,
     engine_config_from_args, error_response, parse_body, parse_lora_module, resolve_token, server_parser,
-    setup_logging,
+    require_token_middleware, setup_logging,
 )
 from serve.protocol import (
     DEFAULT_CONTROLLER_URL, ErrorCode, GenerateMessagesRequest, GenerateStreamRequest, ServeError, Usage, image_ref,
@@ -295,14 +295,7 @@ def create_app(config: WorkerConfig, serving: ServingModel | None = None) -> Fas
     def st(request: Request) -> WorkerState:
         return request.app.state.worker
 
-    @app.middleware("http")
-    async def cluster_token(request: Request, call_next):
-        if request.url.path != "/health":
-            try:
-                check_token(request, config.auth_token, f"{request.url.path} on this worker")
-            except ServeError as e:
-                return error_response(e, framed=request.url.path.startswith("/worker_generate"))
-        return await call_next(request)
+    require_token_middleware(app, config.auth_token)
 
     async def changed_models(s: WorkerState) -> dict:
         if s.config.register:
@@ -312,24 +305,24 @@ def create_app(config: WorkerConfig, serving: ServingModel | None = None) -> Fas
                 logger.warning("could not register the new model list with the controller: %s", e)
         return s.status()
 
-    @app.post("/load_lora_adapter")
-    async def load_lora_adapter(request: Request):
+    def admin(request: Request, what: str) -> WorkerState:
         s = st(request)
         if not s.config.auth_token:
-            raise ServeError(ErrorCode.UNAUTHORIZED, "loading adapters at run time is off: start the worker with "
+            raise ServeError(ErrorCode.UNAUTHORIZED, f"{what} at run time is off: start the worker with "
                              "--auth-token (or $LLAVA_AUTH_TOKEN) and send that token")
+        return s
+
+    @app.post("/load_lora_adapter")
+    async def load_lora_adapter(request: Request):
+        s = admin(request, "loading adapters")
         body = await parse_body(request, LoadAdapterBody)
         info = await asyncio.to_thread(s.serving.load_adapter, body.lora_name, body.lora_path)
         return {"adapter": info, "status": await changed_models(s)}
 
     @app.post("/unload_lora_adapter")
     async def unload_lora_adapter(request: Request):
-        s = st(request)
-        if not s.config.auth_token:
-            raise ServeError(ErrorCode.UNAUTHORIZED, "unloading adapters at run time is off: start the worker with "
-                             "--auth-token (or $LLAVA_AUTH_TOKEN) and send that token")
-        body = await parse_body(request, UnloadAdapterBody)
-        s.serving.unload_adapter(body.lora_name)
+        s = admin(request, "unloading adapters")
+        s.serving.unload_adapter((await parse_body(request, UnloadAdapterBody)).lora_name)
         return {"status": await changed_models(s)}
 
     @app.exception_handler(ServeError)

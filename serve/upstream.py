@@ -39,7 +39,8 @@ from fastapi.responses import Response, StreamingResponse
 
 from llava.templates import IMAGE_PLACEHOLDER, TemplateError, parse_prompt
 from serve.common import (
-    STREAM_MEDIA_TYPE, auth_headers, check_token, decode_image_payload, encode_chunk, error_response, parse_body,
+    STREAM_MEDIA_TYPE, auth_headers, decode_image_payload, encode_chunk, error_response, parse_body,
+    require_token_middleware,
 )
 from serve.heartbeat import heart_beat_loop
 from serve.protocol import (
@@ -353,14 +354,7 @@ def create_upstream_app(config, backend: UpstreamWorker) -> FastAPI:
 
     app = FastAPI(title="llava model worker (OpenAI-compatible upstream)", lifespan=lifespan)
 
-    @app.middleware("http")
-    async def cluster_token(request: Request, call_next):
-        if request.url.path != "/health":
-            try:
-                check_token(request, config.auth_token, f"{request.url.path} on this worker")
-            except ServeError as e:
-                return error_response(e, framed=request.url.path.startswith("/worker_generate"))
-        return await call_next(request)
+    require_token_middleware(app, config.auth_token)
 
     @app.exception_handler(ServeError)
     async def _serve_error(request: Request, exc: ServeError):
