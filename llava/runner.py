@@ -444,13 +444,20 @@ class LlamaRunner:
         self._stacks = (_LoraStacks(adapters, self._lora_out, self.num_layers, dtype, self.device)
                         if adapters else None)
 
-    def _lora_masks(self, adapters: list) -> dict | None:
-        """The masks of rows bound to `adapters` (one per row or token); None when none has an adapter."""
-        if self._stacks is None or all(a is None for a in adapters):
+    def _lora_masks(self, rows: list[int], repeats: list[int] | None = None) -> dict | None:
+        """The masks of `rows` (each repeated `repeats[i]` times: one per prompt position in prefill); None when
+        no adapter is loaded or none of the rows has one (the common case costs nothing)."""
+        if self._stacks is None:
             return None
         slot = self._stacks.slot
-        slots = [slot[a] if a is not None else -1 for a in adapters]
-        return self._stacks.masks(torch.tensor(slots, device=self.device), set(slots) - {-1})
+        slots = [slot[a] if (a := self._adapter_of[r]) is not None else -1 for r in rows]
+        active = set(slots) - {-1}
+        if not active:
+            return None
+        t = torch.tensor(slots, device=self.device)
+        if repeats is not None:
+            t = t.repeat_interleave(torch.tensor(repeats, device=self.device))
+        return self._stacks.masks(t, active)
 
     def _lora(self, out: torch.Tensor, kind: str, li: int, x: torch.Tensor, masks) -> torch.Tensor:
         return out if masks is None else self._stacks.add(out, kind, li, x, masks)
@@ -610,7 +617,7 @@ class LlamaRunner:
         masks = [None if start == 0 else
                  torch.ones(q, start + q, dtype=torch.bool, device=self.device).tril(start)
                  for _, q, start in spans]
-        lora = self._lora_masks([self._adapter_of[r] for r, (_, q, _) in zip(rows, spans) for _ in range(q)])
+        lora = self._lora_masks(rows, [q for _, q, _ in spans])
         for li, layer in enumerate(self.layers):
             h = self._rms(layer.attn_norm, x, layer.attn_norm_w)
             qkv = mm(layer.qkv, h)  # [S, (nq + 2 nkv) hd]
@@ -665,7 +672,7 @@ class LlamaRunner:
         pos = torch.tensor(lengths, device=self.device)
         cos_t, sin_t = self._rope_tables(longest)
         tokens_t = torch.tensor(by_row, device=self.device)
-        lora = self._lora_masks(self._adapter_of[:b])
+        lora = self._lora_masks(list(range(b)))
         if self._q4_layers is not None and lora is None:
             logits = self._decode_int4(tokens_t, pos, cos_t[pos].contiguous(), sin_t[pos].contiguous())
         elif self.fused:

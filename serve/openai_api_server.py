@@ -56,7 +56,7 @@ from llava.image_data import MAX_IMAGE_BYTES
 from llava.templates import IMAGE_PLACEHOLDER, VIDEO_PLACEHOLDER
 from llava.video import MAX_VIDEO_BYTES
 from serve.common import (
-    AUTH_TOKEN_HELP, DEFAULT_MAX_BODY_BYTES, FRAME_DELIMITER, aiter_chunks, auth_headers, fetch_image_url,
+    AUTH_TOKEN_HELP, DEFAULT_MAX_BODY_BYTES, FRAME_DELIMITER, aiter_chunks, auth_headers, bearer, fetch_image_url,
     iter_chunks, parse_body, resolve_token, run_server, server_parser, setup_logging,
 )
 from serve.protocol import DEFAULT_CONTROLLER_URL, IMAGE_REF_SCHEME, ErrorCode, ServeError, image_ref
@@ -201,8 +201,7 @@ def openai_error(err: ServeError) -> JSONResponse:
 def check_api_key(config: OpenAIConfig, request: Request) -> None:
     if not config.api_keys:
         return
-    auth = request.headers.get("authorization", "")
-    key = auth[7:].strip() if auth.lower().startswith("bearer ") else ""
+    key = bearer(request)
     # compare against every key in constant time, so timing does not reveal how much of a key matched
     if not any(hmac.compare_digest(key.encode(), k.encode()) for k in config.api_keys):
         raise ServeError(ErrorCode.UNAUTHORIZED, "missing or invalid API key (send Authorization: Bearer <key>)")

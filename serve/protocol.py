@@ -167,6 +167,9 @@ class StructuredOutput(BaseModel):
     value: Any = None
 
 
+GREEDY_BELOW = 0.001  # LLaVA: sampling only when temperature > 0.001
+
+
 class SamplingFields(BaseModel):
     """Sampling fields of both generate endpoints. LLaVA defaults: temperature 1.0 (greedy when <= 0.001).
     Unknown fields are accepted and ignored, as the original worker does (its clients send e.g. `echo`); the
@@ -186,6 +189,10 @@ class SamplingFields(BaseModel):
     # k: each chunk carries `logprobs`, OpenAI's entries {token, logprob, bytes, top_logprobs (k)} of its tokens
     logprobs: int | None = None
     structured: StructuredOutput | None = None  # the output must match it (llava.structured)
+
+    def sampling_temperature(self) -> float:
+        """The temperature to sample at: 0 (greedy) for temperature <= 0.001, as LLaVA's worker."""
+        return 0.0 if 0 <= self.temperature <= GREEDY_BELOW else self.temperature
 
 
 class VideoFields(BaseModel):

@@ -31,9 +31,6 @@ from serve.protocol import ErrorCode, GenerateStreamRequest, SamplingFields, Ser
 
 logger = logging.getLogger(__name__)
 
-GREEDY_BELOW = 0.001  # LLaVA: sampling only when temperature > 0.001
-
-
 @dataclass(frozen=True)
 class ImageLimits:
     max_images: int = field(default=8, metadata={"help": "images in one request"})
@@ -189,7 +186,7 @@ class ServingModel:
         try:
             return SamplingParams(
                 max_new_tokens=f.max_new_tokens,
-                temperature=0.0 if 0 <= f.temperature <= GREEDY_BELOW else f.temperature,
+                temperature=f.sampling_temperature(),
                 top_p=f.top_p, top_k=f.top_k, repetition_penalty=f.repetition_penalty, seed=f.seed,
                 stop=tuple(stops), logprobs=f.logprobs, constraint=constraint,
             )

@@ -49,7 +49,6 @@ from serve.protocol import (
 
 logger = logging.getLogger("serve.upstream")
 
-GREEDY_BELOW = 0.001
 # Prometheus gauges of requests an engine holds (running + waiting), by engine
 QUEUE_GAUGES = ("vllm:num_requests_running", "vllm:num_requests_waiting", "sglang:num_running_reqs",
                 "sglang:num_queue_reqs")
@@ -93,7 +92,7 @@ def openai_messages(messages: list[dict], images: list[bytes]) -> list[dict]:
 
 def sampling_body(f: SamplingFields) -> dict:
     body: dict = {
-        "temperature": 0.0 if 0 <= f.temperature <= GREEDY_BELOW else f.temperature, "top_p": f.top_p,
+        "temperature": f.sampling_temperature(), "top_p": f.top_p,
         "max_tokens": f.max_new_tokens,
     }
     stops = [f.stop] if isinstance(f.stop, str) else list(f.stop or [])
