@@ -25,6 +25,7 @@ Promises:
 from __future__ import annotations
 
 import argparse
+import asyncio
 import base64
 import datetime as dt
 import hashlib
@@ -58,6 +59,7 @@ VIDEO_SUFFIXES = (".mp4", ".webm", ".mkv", ".mov", ".avi")  # attachments read a
 DEFAULT_TEMPERATURE = 0.2
 DEFAULT_TOP_P = 0.7
 DEFAULT_MAX_TOKENS = 512
+STOP_SETTLE_SECONDS = 5.0  # Stop waits at most this long for the cancelled reply to end
 
 
 def demo_dir() -> Path:
@@ -89,6 +91,7 @@ class Streaming:
     pending: dict[str, str]  # the user message being answered (by identity: a replaced turn is not touched)
     record: dict[str, Any]  # model, params, start: logged with the outcome
     text: str = ""
+    ended: asyncio.Event = field(default_factory=asyncio.Event)  # set when the generator has stopped yielding
 
 
 @dataclass
@@ -346,10 +349,19 @@ class ChatHandlers:
         fresh = WebChat()
         return fresh, render(fresh), gr.update(value=None), *button_updates(fresh), ""
 
-    def stopped(self, chat: WebChat, request: gr.Request):
-        """Stop (its event cancels the streaming one): keep the text shown so far as the reply."""
-        if chat.streaming is not None:
-            self.finish_reply(chat, chat.streaming, {"finish_reason": "stopped"}, request)
+    async def stopped(self, chat: WebChat, request: gr.Request):
+        """Stop: keep the text shown so far as the reply.
+
+        Gradio runs the cancellation of the streaming event beside this handler, not before it, so first wait
+        (briefly) until that generator has ended: an update it yields after this handler's would otherwise leave
+        the buttons disabled with nothing streaming any more."""
+        s = chat.streaming
+        if s is not None:
+            try:
+                await asyncio.wait_for(s.ended.wait(), STOP_SETTLE_SECONDS)
+            except TimeoutError:  # suspended at a yield when cancelled: it never resumes, nothing more comes
+                pass
+            self.finish_reply(chat, s, {"finish_reason": "stopped"}, request)
         return chat, render(chat), *button_updates(chat)
 
     def finish_reply(self, chat: WebChat, s: Streaming, outcome: dict[str, Any], request: gr.Request | None) -> None:
@@ -418,6 +430,7 @@ class ChatHandlers:
             outcome = {"finish_reason": "error", "error": {"code": int(e.code), "message": e.message}}
         finally:
             # success, error and cancellation alike (a no-op when Stop already kept the reply)
+            s.ended.set()
             self.finish_reply(chat, s, outcome, request)
         yield chat, render(chat), chat.costs, *button_updates(chat)
 

@@ -73,8 +73,8 @@ def chat_in_browser(url: str, model: str, image: Path, tmp: Path, screenshot: Pa
             str(tmp / "profile"), headless=True, executable_path=chromium_path(), args=CHROMIUM_ARGS,
             viewport={"width": 1280, "height": 900},
         )
+        page = ctx.new_page()
         try:
-            page = ctx.new_page()
             page.goto(url, wait_until="domcontentloaded")
             # gradio keeps a connection open, so wait for elements, never for network idle
             page.wait_for_function(
@@ -98,6 +98,11 @@ def chat_in_browser(url: str, model: str, image: Path, tmp: Path, screenshot: Pa
             if then is not None:
                 then(page)
             return reply
+        except Exception:
+            # what the page showed when it went wrong, next to the passing runs' screenshots
+            ARTIFACTS.mkdir(parents=True, exist_ok=True)
+            page.screenshot(path=str(screenshot.with_name(screenshot.stem + "-failed.png")), full_page=True)
+            raise
         finally:
             ctx.close()
 

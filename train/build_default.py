@@ -91,6 +91,8 @@ def parse_args(argv):
     g.add_argument("--scenes-train", type=int, default=12000, help="training rows to generate")
     g.add_argument("--scenes-test", type=int, default=1000, help="test rows to generate (and their paraphrases)")
     g.add_argument("--scenes-rows", type=int, default=None, help="train on the first N generated rows (default: all)")
+    g.add_argument("--easyvqa-repeat", type=int, default=1,
+                   help="copies of the easy-VQA rows among the first --scenes-rows (keeps what the old default knew)")
     g.add_argument("--scenes-lr", type=float, default=5e-4)
     g.add_argument("--scenes-projector-lr", type=float, default=2e-4)
     g.add_argument("--scenes-epochs", type=float, default=1.0)
@@ -284,9 +286,11 @@ def scenes_data(args, spec: AssemblySpec, root: Path, base: Path) -> tuple[Path,
         t0 = time.perf_counter()
         scenes.generate(data, args.scenes_seed, args.scenes_train, args.scenes_test, image_size=spec.image_size)
         seconds = time.perf_counter() - t0
-    mix = data / f"train-mix-{args.scenes_rows or 'all'}.json"
+    extra = f"-e{args.easyvqa_repeat}" if args.easyvqa_repeat != 1 else ""
+    mix = data / f"train-mix-{args.scenes_rows or 'all'}{extra}-t{args.text_repeat}.json"
     if not mix.is_file():
         rows = json.loads((data / "train.json").read_text())[:args.scenes_rows]
+        rows += [r for r in rows if r["family"] == "easyvqa"] * (args.easyvqa_repeat - 1)
         text = text_rows(base, root / "text-rows.json") * args.text_repeat
         easyvqa.write_json(rows + text, mix)
     return mix, seconds
