@@ -25,7 +25,7 @@ demo: $(STAMP)
 	$(BIN)/python -m serve.launch
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -m "not slow" -q --timeout=900
+	$(BIN)/python -m pytest -m "not slow" -q --timeout=900 --durations=15
 
 test-slow: $(STAMP)
 	$(BIN)/python -m pytest -m slow -q --timeout=3600
