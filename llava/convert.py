@@ -28,7 +28,7 @@ from llava.assemble import (
 )
 from llava.checkpoint import HF_LLAVA_TYPES, LoadError, image_processing_from_hf, is_adapter, read_config
 from llava.config import META_KEY, AssemblySpec, LlavaMeta
-from llava.default import default_model_dir
+from llava.default import DEFAULT_NAMES, default_model_dir
 from llava.images import ImageProcessing
 from llava.buildcache import build_once, cache_dir
 from llava.weights import WeightsError, find_first, read_file, read_folder
@@ -241,8 +241,8 @@ def _merge_lora(adapter_dir: str, model_base: str, template: str | None, out_dir
 
 def resolve_path(path: str, model_base: str | None, template: str | None = None) -> str:
     """Turn every accepted input into an HF llava folder (or hub id), converting once where needed."""
-    if path == "default":
-        return str(default_model_dir())
+    if path in DEFAULT_NAMES:
+        return str(default_model_dir(path))
     if is_adapter(path):
         if model_base is None:
             raise LoadError(f"{path} is a LoRA adapter: pass model_base (the model it was trained on)")

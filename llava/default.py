@@ -35,17 +35,28 @@ class DefaultModelError(RuntimeError):
     """The trained pieces in assets/ do not fit the assembled default model."""
 
 
-def assets_dir() -> Path:
-    return assets_root() / "default"
+# names `load_model` and `--model-path` accept for the embedded models: the current default, and the easy-VQA-only
+# one it replaced (kept in assets/default-easyvqa/ once a newer default ships)
+DEFAULT_NAMES = ("default", "default-easyvqa")
 
 
-def default_spec() -> AssemblySpec:
-    spec_file = assets_dir() / "spec.json"
+def assets_dir(name: str = "default") -> Path:
+    if name not in DEFAULT_NAMES:
+        raise DefaultModelError(f"unknown embedded model {name!r}; the embedded ones are {', '.join(DEFAULT_NAMES)}")
+    root = assets_root() / name
+    if name != "default" and not root.is_dir():
+        raise DefaultModelError(f"the embedded model {name!r} is not in this installation ({root} is missing); "
+                                "use 'default'")
+    return root
+
+
+def default_spec(name: str = "default") -> AssemblySpec:
+    spec_file = assets_dir(name) / "spec.json"
     return AssemblySpec(**json.loads(spec_file.read_text())) if spec_file.is_file() else DEFAULT_SPEC
 
 
-def _trained_files() -> list[Path]:
-    root = assets_dir()
+def _trained_files(name: str) -> list[Path]:
+    root = assets_dir(name)
     files = [root / "projector.safetensors"] if (root / "projector.safetensors").is_file() else []
     if (root / "precision.json").is_file():
         files.append(root / "precision.json")
@@ -55,30 +66,30 @@ def _trained_files() -> list[Path]:
     return files
 
 
-def default_model_dir() -> Path:
-    """Build (once, safely under concurrent starters) and return the default model's HF folder."""
-    spec = default_spec()
+def default_model_dir(name: str = "default") -> Path:
+    """Build (once, safely under concurrent starters) and return the HF folder of the embedded model `name`."""
+    spec = default_spec(name)
     spec_json = spec.model_dump_json()
     base = build_once(cache_dir() / "default" / f"base-{digest(spec_json)}", lambda tmp: assemble(spec, tmp))
-    trained = _trained_files()
+    trained = _trained_files(name)
     if not trained:
         return base
     out = cache_dir() / "default" / f"trained-{digest(spec_json, *sorted(trained))}"
-    return build_once(out, lambda tmp: _build_trained(base, tmp))
+    return build_once(out, lambda tmp: _build_trained(base, tmp, assets_dir(name)))
 
 
-def _build_trained(base: Path, out: Path) -> None:
+def _build_trained(base: Path, out: Path, root: Path) -> None:
     model = AutoModelForImageTextToText.from_pretrained(base, dtype=torch.float32)
-    projector_file = assets_dir() / "projector.safetensors"
+    projector_file = root / "projector.safetensors"
     if projector_file.is_file():
         _load_projector(model, read_file(projector_file))
-    if (assets_dir() / "adapter").is_dir():
+    if (root / "adapter").is_dir():
         from peft import PeftModel
 
-        model = PeftModel.from_pretrained(model, assets_dir() / "adapter").merge_and_unload()
+        model = PeftModel.from_pretrained(model, root / "adapter").merge_and_unload()
     config = json.loads((base / "config.json").read_text())
     meta = LlavaMeta(**config[META_KEY])
-    precision = assets_dir() / "precision.json"
+    precision = root / "precision.json"
     if precision.is_file():  # the quality gate measured by `python -m bench.precision --record`
         gate = json.loads(precision.read_text())
         meta = meta.model_copy(update={"cpu_quantization": gate.get("cpu_quantization"), "quality_gate": gate})

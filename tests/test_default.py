@@ -26,3 +26,27 @@ def _red_square():
     from PIL import Image
 
     return Image.new("RGB", (64, 64), (220, 20, 20))
+
+
+def test_older_embedded_default_is_loadable_by_name(tmp_path, monkeypatch):
+    """`default-easyvqa` (kept when a newer default ships) resolves to its own assets; a missing one is a clear error."""
+    import shutil
+
+    from llava.config import assets_root
+    from llava.convert import resolve_path
+    from llava.default import DefaultModelError, assets_dir
+
+    monkeypatch.setenv("LLAVA_ASSETS", str(tmp_path / "assets"))
+    (tmp_path / "assets").mkdir()
+    with pytest.raises(DefaultModelError, match="'default-easyvqa' is not in this installation"):
+        resolve_path("default-easyvqa", None)
+    with pytest.raises(DefaultModelError, match="unknown embedded model 'default-x'"):
+        assets_dir("default-x")
+    monkeypatch.delenv("LLAVA_ASSETS")
+    shutil.copytree(assets_root() / "default", tmp_path / "assets" / "default-easyvqa")
+    monkeypatch.setenv("LLAVA_ASSETS", str(tmp_path / "assets"))
+    assert assets_dir("default-easyvqa") == tmp_path / "assets" / "default-easyvqa"
+    monkeypatch.delenv("LLAVA_ASSETS")
+    original = default_model_dir()
+    monkeypatch.setenv("LLAVA_ASSETS", str(tmp_path / "assets"))
+    assert default_model_dir("default-easyvqa") == original  # same pieces, same cached folder
