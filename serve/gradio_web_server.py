@@ -499,7 +499,7 @@ def build_demo(config: WebConfig) -> gr.Blocks:
                                       info="default = the model's own preprocessing")
                 with gr.Accordion("Parameters", open=False):
                     temperature = gr.Slider(0.0, 1.5, value=DEFAULT_TEMPERATURE, step=0.05, label="Temperature",
-                                            info="0 = greedy")
+                                            info="0 = greedy", elem_id="temperature")
                     top_p = gr.Slider(0.0, 1.0, value=DEFAULT_TOP_P, step=0.05, label="Top P")
                     max_tokens = gr.Slider(1, 2048, value=DEFAULT_MAX_TOKENS, step=1, label="Max output tokens",
                                            elem_id="max-tokens")

@@ -55,16 +55,20 @@ LAST_BOT_DONE = (  # gradio shows "Loading content" in a bubble until its text a
 )
 
 
-def set_max_tokens(page, n: int) -> None:
-    field = page.locator("#max-tokens input[type=number]")
+def set_parameter(page, elem_id: str, value: float) -> None:
+    field = page.locator(f"#{elem_id} input[type=number]")
     if not field.is_visible():
         page.get_by_text("Parameters").click()  # the accordion starts closed
-    field.fill(str(n))
+    field.fill(str(value))
     field.press("Enter")
 
 
+def set_max_tokens(page, n: int) -> None:
+    set_parameter(page, "max-tokens", n)
+
+
 def chat_in_browser(url: str, model: str, image: Path, tmp: Path, screenshot: Path, timeout_ms: int,
-                    then=None, max_tokens: int | None = None) -> str:
+                    then=None, max_tokens: int | None = None, greedy: bool = False) -> str:
     """Open the page, attach `image`, ask QUESTION, wait for the streamed reply to finish; return its text.
     `then(page)`, if given, runs afterwards on the same page."""
     sync_playwright = require_browser()
@@ -81,6 +85,8 @@ def chat_in_browser(url: str, model: str, image: Path, tmp: Path, screenshot: Pa
                 "m => document.querySelector('#model-selector input')?.value === m", arg=model, timeout=60_000)
             if max_tokens is not None:
                 set_max_tokens(page, max_tokens)
+            if greedy:  # a random model sampled may end a reply at its first token
+                set_parameter(page, "temperature", 0)
             page.set_input_files("#chat-input input[type=file]", str(image))
             page.locator("#chat-input img").first.wait_for(timeout=30_000)  # the upload's thumbnail
             box = page.locator("#chat-input textarea")
@@ -145,12 +151,14 @@ def test_browser_chat_streams_a_reply(browser_available, tiny_stack, tmp_path):
     image, _ = easyvqa_image()
     after_stop: list[str] = []
     reply = chat_in_browser(tiny_stack.url, "tiny", image, tmp_path, ARTIFACTS / "browser-chat-tiny.png", 60_000,
-                            then=lambda page: after_stop.append(stop_mid_reply(page)), max_tokens=64)
+                            then=lambda page: after_stop.append(stop_mid_reply(page)), max_tokens=64,
+                            greedy=True)
     assert reply and "Error" not in reply
     chats = [e for e in tiny_stack.log_events() if e["type"] == "chat"]
     assert len(chats) == 2 and chats[0]["messages"][0]["content"] == f"<image>\n{QUESTION}"
     assert chats[0]["messages"][1]["role"] == "assistant" and chats[0]["messages"][1]["content"]
     assert chats[0]["finish_reason"] in ("stop", "length")
+    assert chats[0]["params"]["temperature"] == 0 and chats[0]["params"]["max_new_tokens"] == 64
     # Stop keeps the streamed text as the reply (or the reply had already finished: the race is the model's)
     second = chats[1]
     assert second["finish_reason"] in ("stopped", "stop", "length")
