@@ -91,6 +91,8 @@ def parse_args(argv):
     g.add_argument("--scenes-train", type=int, default=12000, help="training rows to generate")
     g.add_argument("--scenes-test", type=int, default=1000, help="test rows to generate (and their paraphrases)")
     g.add_argument("--scenes-rows", type=int, default=None, help="train on the first N generated rows (default: all)")
+    g.add_argument("--scenes-skip", type=int, default=0,
+                   help="start at this generated row (a continuation run on rows an earlier run did not see)")
     g.add_argument("--easyvqa-repeat", type=int, default=1,
                    help="copies of the easy-VQA rows among the first --scenes-rows (keeps what the old default knew)")
     g.add_argument("--scenes-lr", type=float, default=5e-4)
@@ -277,7 +279,7 @@ def scenes_init(args) -> Path:
 
 
 def scenes_data(args, spec: AssemblySpec, root: Path, base: Path) -> tuple[Path, float]:
-    """Generate the data set once (seconds spent) and the training mix: the first --scenes-rows rows + text rows."""
+    """Generate the data set once (seconds spent) and the training mix: --scenes-rows rows from --scenes-skip + text rows."""
     from train import scenes
 
     data = root / "data"
@@ -287,9 +289,11 @@ def scenes_data(args, spec: AssemblySpec, root: Path, base: Path) -> tuple[Path,
         scenes.generate(data, args.scenes_seed, args.scenes_train, args.scenes_test, image_size=spec.image_size)
         seconds = time.perf_counter() - t0
     extra = f"-e{args.easyvqa_repeat}" if args.easyvqa_repeat != 1 else ""
+    extra += f"-from{args.scenes_skip}" if args.scenes_skip else ""
     mix = data / f"train-mix-{args.scenes_rows or 'all'}{extra}-t{args.text_repeat}.json"
     if not mix.is_file():
-        rows = json.loads((data / "train.json").read_text())[:args.scenes_rows]
+        rows = json.loads((data / "train.json").read_text())[args.scenes_skip:]
+        rows = rows[:args.scenes_rows]
         rows += [r for r in rows if r["family"] == "easyvqa"] * (args.easyvqa_repeat - 1)
         text = text_rows(base, root / "text-rows.json") * args.text_repeat
         easyvqa.write_json(rows + text, mix)
