@@ -50,13 +50,12 @@ def assets_dir(name: str = "default") -> Path:
     return root
 
 
-def default_spec(name: str = "default") -> AssemblySpec:
-    spec_file = assets_dir(name) / "spec.json"
+def _spec(root: Path) -> AssemblySpec:
+    spec_file = root / "spec.json"
     return AssemblySpec(**json.loads(spec_file.read_text())) if spec_file.is_file() else DEFAULT_SPEC
 
 
-def _trained_files(name: str) -> list[Path]:
-    root = assets_dir(name)
+def _trained_files(root: Path) -> list[Path]:
     files = [root / "projector.safetensors"] if (root / "projector.safetensors").is_file() else []
     if (root / "precision.json").is_file():
         files.append(root / "precision.json")
@@ -68,14 +67,15 @@ def _trained_files(name: str) -> list[Path]:
 
 def default_model_dir(name: str = "default") -> Path:
     """Build (once, safely under concurrent starters) and return the HF folder of the embedded model `name`."""
-    spec = default_spec(name)
+    root = assets_dir(name)
+    spec = _spec(root)
     spec_json = spec.model_dump_json()
     base = build_once(cache_dir() / "default" / f"base-{digest(spec_json)}", lambda tmp: assemble(spec, tmp))
-    trained = _trained_files(name)
+    trained = _trained_files(root)
     if not trained:
         return base
     out = cache_dir() / "default" / f"trained-{digest(spec_json, *sorted(trained))}"
-    return build_once(out, lambda tmp: _build_trained(base, tmp, assets_dir(name)))
+    return build_once(out, lambda tmp: _build_trained(base, tmp, root))
 
 
 def _build_trained(base: Path, out: Path, root: Path) -> None:

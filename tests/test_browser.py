@@ -63,10 +63,6 @@ def set_parameter(page, elem_id: str, value: float) -> None:
     field.press("Enter")
 
 
-def set_max_tokens(page, n: int) -> None:
-    set_parameter(page, "max-tokens", n)
-
-
 def chat_in_browser(url: str, model: str, image: Path, tmp: Path, screenshot: Path, timeout_ms: int,
                     then=None, max_tokens: int | None = None, greedy: bool = False) -> str:
     """Open the page, attach `image`, ask QUESTION, wait for the streamed reply to finish; return its text.
@@ -84,7 +80,7 @@ def chat_in_browser(url: str, model: str, image: Path, tmp: Path, screenshot: Pa
             page.wait_for_function(
                 "m => document.querySelector('#model-selector input')?.value === m", arg=model, timeout=60_000)
             if max_tokens is not None:
-                set_max_tokens(page, max_tokens)
+                set_parameter(page, "max-tokens", max_tokens)
             if greedy:  # a random model sampled may end a reply at its first token
                 set_parameter(page, "temperature", 0)
             page.set_input_files("#chat-input input[type=file]", str(image))
@@ -133,7 +129,7 @@ def tiny_stack(tmp_path):
 
 def stop_mid_reply(page) -> str:
     """Ask a follow-up, press Stop as soon as some text has streamed; return the reply shown afterwards."""
-    set_max_tokens(page, 300)  # the tiny model's context is 512 tokens
+    set_parameter(page, "max-tokens", 300)  # the tiny model's context is 512 tokens
     box = page.locator("#chat-input textarea")
     box.fill("Describe it in detail.")
     box.press("Enter")

@@ -12,7 +12,7 @@ from PIL import Image
 
 import tiny_onevision as tiny
 from conftest import REPO, Stack
-from test_browser import CHROMIUM_ARGS, LAST_BOT_DONE, chromium_path, require_browser, set_max_tokens
+from test_browser import CHROMIUM_ARGS, LAST_BOT_DONE, chromium_path, require_browser, set_parameter
 
 # ~95 s on 2 busy cores (controller, worker and web UI start as processes): over make test's budget
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
@@ -62,7 +62,7 @@ def test_two_images_and_a_video_in_one_conversation(tiny_stack, tmp_path):
             page.goto(tiny_stack.url, wait_until="domcontentloaded")
             page.wait_for_function("m => document.querySelector('#model-selector input')?.value === m", arg="tiny",
                                    timeout=60_000)
-            set_max_tokens(page, 16)
+            set_parameter(page, "max-tokens", 16)
             page.set_input_files("#chat-input input[type=file]", [str(first), str(second), str(clip)])
             page.wait_for_function(  # the uploads' thumbnails: two pictures and the clip's icon
                 "() => document.querySelectorAll('#chat-input .thumbnail-item').length === 3 && "

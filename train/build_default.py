@@ -35,13 +35,14 @@ import time
 from pathlib import Path
 
 from llava.assemble import assemble
+from llava.default import DEFAULT_NAMES
 from llava.config import AssemblySpec
 from llava.parts import SHIPPED_LLM, SHIPPED_VISION
 from train import easyvqa
 from train.train import TrainConfig, run
 
 ASSETS = Path(__file__).resolve().parents[1] / "assets" / "default"
-ASSETS_EASYVQA = ASSETS.with_name("default-easyvqa")  # the easy-VQA default, once the scenes model replaces it
+ASSETS_EASYVQA = ASSETS.with_name(DEFAULT_NAMES[1])  # the easy-VQA default, once the scenes model replaces it
 TARGETS = {"overall": 0.90, "family": 0.80, "caption": 0.90, "paraphrase": 0.85, "easyvqa": 0.99}
 CHAT_CHECK = ("What is the tallest mountain in the world?", "How do plants drink water?",
               "Tell me something nice about dogs.", "What should I eat for breakfast?")  # none is in text_prompts.json
@@ -94,7 +95,7 @@ def parse_args(argv):
     g.add_argument("--scenes-skip", type=int, default=0,
                    help="start at this generated row (a continuation run on rows an earlier run did not see)")
     g.add_argument("--easyvqa-repeat", type=int, default=1,
-                   help="copies of the easy-VQA rows among the first --scenes-rows (keeps what the old default knew)")
+                   help="copies of the easy-VQA rows among the rows trained on (keeps what the old default knew)")
     g.add_argument("--scenes-lr", type=float, default=5e-4)
     g.add_argument("--scenes-projector-lr", type=float, default=2e-4)
     g.add_argument("--scenes-epochs", type=float, default=1.0)
@@ -349,7 +350,8 @@ def build_scenes(args) -> int:
         logging_steps=5))
     keep = ("rows", "final_loss", "train_seconds", "total_seconds", "cache_fill_seconds", "seconds_per_step",
             "global_step", "stopped_by_time_budget_at")
-    report = {"init": str(init), "generate_seconds": gen_seconds, "stage": {k: m.get(k) for k in keep}}
+    report = {"init": str(init), "generate_seconds": gen_seconds, "stage": {k: m.get(k) for k in keep},
+              "lora": {"r": args.lora_r, "alpha": args.lora_alpha}}
     print(json.dumps(report), flush=True)
     if args.skip_eval:
         return 0
@@ -376,6 +378,8 @@ def ship_scenes(spec: AssemblySpec, stage: Path, report: dict) -> None:
 
 def scenes_card(spec: AssemblySpec, report: dict) -> str:
     """MODEL_CARD.md of the scenes model: recipe, every family's score on both test sets, what it cannot do."""
+    from train.scenes import COLORS, SHAPES, WORDS
+
     st, test, para = report["stage"], report["test"], report["paraphrase"]
     rows = [f"| {f} | {v['n']} | {v['score']:.3f} | {para['families'].get(f, {}).get('score', float('nan')):.3f} |"
             for f, v in test["families"].items()]
@@ -388,7 +392,7 @@ def scenes_card(spec: AssemblySpec, report: dict) -> str:
         "## Spec", "", "```json", spec.model_dump_json(indent=2), "```", "",
         "## Recipe", "",
         f"- Start: the easy-VQA model ({report['init']}; its own recipe: `python -m train.build_default`).",
-        f"- One stage-2 pass, LoRA r 8 + projector continued, on {st['rows']} rows (train.scenes, seed 0, plus the "
+        f"- One stage-2 pass, LoRA r {report['lora']['r']} / alpha {report['lora']['alpha']} + projector continued, on {st['rows']} rows (train.scenes, seed 0, plus the "
         f"text-only rows), {st['global_step']} steps, {st['train_seconds'] / 60:.1f} min "
         f"({st['seconds_per_step']:.1f} s/step), final loss {st['final_loss']:.3f}.", "",
         "## Scores (held-out test and paraphrase sets of train.scenes; `python -m train.evaluate --rows`)", "",
@@ -397,8 +401,8 @@ def scenes_card(spec: AssemblySpec, report: dict) -> str:
         "| family | n | test | paraphrase |", "|---|---|---|---|", *rows, "",
         "Captions score object recall. Text-only chat, prompts never trained on:", "", chat, "",
         "## What it cannot do", "",
-        "It knows 8 colours, 5 shapes, 1-5 objects on light grounds, ~140 printed words and two images at a time; "
-        "photos, other objects, longer text and more images are outside what it was trained on.", ""])
+        f"It knows {len(COLORS)} colours, {len(SHAPES)} shapes, 1-5 objects on light grounds, {len(WORDS)} printed "
+        "words and two images at a time; photos, other objects, longer text and more images are outside what it was trained on.", ""])
 
 
 if __name__ == "__main__":
