@@ -124,6 +124,47 @@ def test_answers_follow_from_the_scenes(data):
                     assert row["conversations"][0]["value"].endswith(SHORT_ANSWER)
 
 
+def test_added_questions_follow_from_the_scenes(data):
+    """Training rows with more questions per scene (independent turns): every added answer is re-derived from the
+    scene description, kinds differ within a row, the row's own kind is not repeated, and yes/no stay balanced."""
+    found = {k: scenes.scene_from_dict(v) for k, v in load(data, "scenes-train.json").items()}
+    rows = load(data, "train.json")
+    more = scenes.add_questions(rows, load(data, "scenes-train.json"), 6, seed=5)
+    assert more != rows and [r["id"] for r in more] == [r["id"] for r in rows]
+    assert more == scenes.add_questions(rows, load(data, "scenes-train.json"), 6, seed=5)  # deterministic
+    added, answers = Counter(), Counter()
+    for row, orig in zip(more, rows):
+        conv = row["conversations"]
+        assert conv[:2] == orig["conversations"]
+        if row["family"] in ("caption", "easyvqa", "two_image"):
+            assert conv == orig["conversations"]
+            continue
+        kinds = []
+        for human, gpt in zip(conv[2::2], conv[3::2]):
+            assert "<image>" not in human["value"] and human["value"].endswith(SHORT_ANSWER)
+            single = {**row, "conversations": [{"from": "human", "value": "<image>\n" + human["value"]}, gpt]}
+            family = next(f for f in scenes.SHORT_FAMILIES if question(single) and f in _kind_of(single))
+            assert expected({**single, "family": family}, found) == gpt["value"], single
+            kinds.append(_kind_of(single))
+            answers[gpt["value"]] += gpt["value"] in ("yes", "no")
+        added[len(kinds)] += 1
+        assert len(kinds) <= 6 and len(set(kinds)) == len(kinds) and _kind_of(orig) == orig["kind"] not in kinds
+    assert sum(added.values()) > 100 and added[6] > 50
+    assert 0.4 < answers["yes"] / (answers["yes"] + answers["no"]) < 0.6
+
+
+def _kind_of(row: dict) -> str:
+    """The family of a single question by its wording (training templates)."""
+    q = question(row)
+    for kind, (train, _) in scenes.TEMPLATES.items():
+        for t in train:
+            pattern = re.escape(t.lower()).replace(r"\{", "{").replace(r"\}", "}")
+            pattern = re.sub(r"\{[a-z]+\}", ".+", pattern)
+            if re.fullmatch(pattern, q):
+                return kind
+    raise AssertionError(q)
+
+
 def test_objects_do_not_overlap_and_images_show_the_scene(data):
     fonts = scenes.Fonts([scenes.FontRef(**f) for f in load(data, "meta.json")["fonts"]])
     found = load(data, "scenes-train.json")

@@ -94,6 +94,8 @@ def parse_args(argv):
     g.add_argument("--scenes-rows", type=int, default=None, help="train on the first N generated rows (default: all)")
     g.add_argument("--scenes-skip", type=int, default=0,
                    help="start at this generated row (a continuation run on rows an earlier run did not see)")
+    g.add_argument("--scenes-questions", type=int, default=6,
+                   help="more questions asked of each one-image training scene, packed as independent turns (0 = one)")
     g.add_argument("--easyvqa-repeat", type=int, default=1,
                    help="copies of the easy-VQA rows among the rows trained on (keeps what the old default knew)")
     g.add_argument("--scenes-lr", type=float, default=5e-4)
@@ -291,10 +293,14 @@ def scenes_data(args, spec: AssemblySpec, root: Path, base: Path) -> tuple[Path,
         seconds = time.perf_counter() - t0
     extra = f"-e{args.easyvqa_repeat}" if args.easyvqa_repeat != 1 else ""
     extra += f"-from{args.scenes_skip}" if args.scenes_skip else ""
+    extra += f"-q{args.scenes_questions}" if args.scenes_questions else ""
     mix = data / f"train-mix-{args.scenes_rows or 'all'}{extra}-t{args.text_repeat}.json"
     if not mix.is_file():
         rows = json.loads((data / "train.json").read_text())[args.scenes_skip:]
         rows = rows[:args.scenes_rows]
+        if args.scenes_questions:
+            described = json.loads((data / "scenes-train.json").read_text())
+            rows = scenes.add_questions(rows, described, args.scenes_questions, args.scenes_seed)
         rows += [r for r in rows if r["family"] == "easyvqa"] * (args.easyvqa_repeat - 1)
         text = text_rows(base, root / "text-rows.json") * args.text_repeat
         easyvqa.write_json(rows + text, mix)
@@ -344,7 +350,8 @@ def build_scenes(args) -> int:
     stage = root / "stage-scenes"
     m = finished(stage) or run(TrainConfig(
         stage="stage2", data=str(mix), output_dir=str(stage), init_from=str(init), lr=args.scenes_lr,
-        projector_lr=args.scenes_projector_lr, epochs=args.scenes_epochs, tune="lora", lora_r=args.lora_r,
+        projector_lr=args.scenes_projector_lr, epochs=args.scenes_epochs, tune="lora",
+        independent_turns=bool(args.scenes_questions), lora_r=args.lora_r,
         lora_alpha=args.lora_alpha, export=True, max_minutes=args.max_minutes, model=str(base),
         batch_size=args.batch_size, feature_cache_dir=str(args.runs / "feature-cache"), save_steps=args.save_steps,
         logging_steps=5))

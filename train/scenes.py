@@ -551,6 +551,86 @@ def _easyvqa_questions(split: str, seed: int, n: int) -> list:
     return sorted(random.Random(f"scenes:{seed}:{split}:easyvqa").sample(qs, min(n, len(qs))), key=lambda q: q.qid)
 
 
+# ---------------------------------------------------------------------------------------------------------- more questions
+def scene_questions(rng: random.Random, scene: Scene, k: int, skip: str = "") -> list[Question]:
+    """Up to `k` more questions about one scene, each of a different kind (never `skip`, the row's own kind), drawn
+    from every kind the scene can answer unambiguously under the same rules as the builders (margins, unique
+    relation objects, adversarial existence negatives, yes/no 50/50)."""
+    objs = scene.objects
+    options: dict[str, callable] = {}
+    if objs:
+        options["count/all"] = lambda: Question("count/all", {}, str(len(objs)))
+
+        def count_by(attr: str):
+            values = list(COLORS) if attr == "colour" else list(SHAPES)
+            present = sorted({getattr(o, attr) for o in objs})
+            value = rng.choice(present) if rng.random() < 0.7 else rng.choice(values)
+            return Question(f"count/{attr}", {attr: value}, str(sum(getattr(o, attr) == value for o in objs)))
+
+        options["count/colour"] = lambda: count_by("colour")
+        options["count/shape"] = lambda: count_by("shape")
+
+        def existence():
+            present = {(o.colour, o.shape) for o in objs}
+            o = rng.choice(objs)
+            if rng.random() < 0.5:
+                return Question("existence", {"colour": o.colour, "shape": o.shape}, "yes")
+            negatives = [(o.colour, s) for s in SHAPES] + [(c, o.shape) for c in COLORS]
+            negatives = [n for n in negatives if n not in present]
+            c, s = rng.choice(negatives)
+            return Question("existence", {"colour": c, "shape": s}, "no")
+
+        options["existence"] = existence
+    if len(objs) > 1:
+        for ask in ("colour", "shape"):
+            dirs = [d for d in EXTREME if _extreme(scene, d) is not None]
+            if dirs:
+                def position(ask=ask, dirs=dirs):
+                    d = rng.choice(dirs)
+                    return Question(f"position/{ask}", {"dir": d}, getattr(_extreme(scene, d), ask))
+
+                options[f"position/{ask}"] = position
+        unique = [o for o in objs if sum((p.colour, p.shape) == (o.colour, o.shape) for p in objs) == 1]
+        pairs = [(a, rel, b) for rel in RELATIONS for a in unique for b in unique
+                 if holds(a, rel, b, MARGIN * scene.size)]
+        if pairs:
+            def relation():
+                a, rel, b = rng.choice(pairs)
+                yes = rng.random() < 0.5
+                if not yes:
+                    a, b = b, a
+                return Question("relation", {"a": (a.colour, a.shape), "b": (b.colour, b.shape), "rel": rel},
+                                "yes" if yes else "no")
+
+            options["relation"] = relation
+    if scene.word is not None:
+        options["text"] = lambda: Question("text", {}, scene.word.text)
+    kinds = [kind for kind in options if kind != skip]
+    rng.shuffle(kinds)
+    return [options[kind]() for kind in kinds[:k]]
+
+
+def add_questions(rows: list[dict], scenes: dict[str, dict], k: int, seed: int) -> list[dict]:
+    """Training rows with up to `k` more questions about each one-image scene appended as further exchanges (each
+    with the short-answer instruction, for `independent_turns` tree packing: every exchange sees the image and
+    itself only). Two-image, caption and easy-VQA rows are kept as they are; images stay the same files."""
+    out = []
+    for row in rows:
+        image = row.get("image")
+        if not k or not isinstance(image, str) or image not in scenes or row["family"] == "caption":
+            out.append(row)
+            continue
+        rng = random.Random(f"scenes:{seed}:more:{row['id']}")
+        scene = scene_from_dict(scenes[image])
+        conv = list(row["conversations"])
+        for q in scene_questions(rng, scene, k, skip=row["kind"]):
+            conv += [{"from": "human", "value": human(rng.choice(TEMPLATES[q.kind][0]).format(**fields(q.slots, False)),
+                                                      0, True)},
+                     {"from": "gpt", "value": q.answer}]
+        out.append({**row, "conversations": conv})
+    return out
+
+
 # ---------------------------------------------------------------------------------------------------------- rendering
 def background(bg: dict, size: int) -> np.ndarray:
     """[size, size, 3] uint8 ground of a scene."""
