@@ -16,6 +16,8 @@ Every stage resumes from its newest checkpoint when the command is re-run with t
    captions, and easy-VQA's own questions mixed in) at the encoder's input size (runs/<name>/data);
 2. one more stage-2 pass (LoRA + projector, continuing the easy-VQA model's adapter, cached features per image,
    two-image rows with one `<image>` each) on those rows plus the text-only rows (the base model's own chat answers);
+   with `--scenes-questions K` every one-image scene is asked K more questions (train.scenes.add_questions), packed
+   as independent turns so the image tokens are paid once per scene;
    `--max-minutes` ends it on time on a busy machine (outputs saved as after a full pass);
 3. evaluate on the held-out test.json and paraphrase_test.json per family (train.scenes_eval), on easy-VQA test and
    on text-only chat prompts the recipe never trained on; write runs/<name>/report.json. With `--ship` and every

@@ -21,6 +21,10 @@ Promises:
   that axis, relation objects are the only ones of their colour and shape.
 - paraphrase_test.json asks the test rows' questions (same images and answers; easy-VQA left out) with templates
   that never appear in train.json or test.json (the second list of every TEMPLATES entry).
+- `add_questions(rows, scenes, k, seed)` (used by `train.build_default --scenes-questions`) appends up to k more
+  questions about each one-image training scene as further exchanges, each of another kind and answered under the
+  same rules; trained as independent turns, one image's tokens then serve k + 1 questions. A word present in the
+  scene is always asked. The files written by `generate` do not change.
 """
 
 from __future__ import annotations
@@ -52,7 +56,10 @@ GAP = 0.02  # least gap between bounding circles (and to a word), a fraction of 
 SEP = 0.03  # least distance of any two centres on each axis, so left-to-right and top-to-bottom orders are strict
 MARGIN = 0.1  # axis distance behind "leftmost", "left of", ... (a fraction of the side)
 MAX_OBJECTS = 5
-WORD_SHARE = 0.1  # scenes of the count/position/relation/existence families that also carry a word
+WORD_SHARE = 0.25  # scenes of the count/position/relation/existence families that also carry a word
+# a word's font size, a fraction of the side: at 112 px (DINOv2 patch 14) letters must span about a patch to be
+# readable from the features (probe: 122 words, 34 images each: 0.13-0.17 -> 3 %, 0.22-0.30 -> 63 % after 5 epochs)
+WORD_FONT = (0.22, 0.30)
 BACKGROUNDS = ("plain", "noise", "stripes", "checker")
 COLOUR_JITTER = 15
 WORDS = tuple("""
@@ -251,7 +258,7 @@ def _clear_of_box(box, x: float, y: float, reach: float) -> bool:
 def _word(rng: random.Random, fonts: Fonts, size: int, text: str | None = None, font: int | None = None) -> Word:
     text = text if text is not None else rng.choice(WORDS)
     font = font if font is not None else rng.randrange(len(fonts.refs))
-    px = round(size * rng.uniform(0.13, 0.17))
+    px = round(size * rng.uniform(*WORD_FONT))
     while True:  # shrink until the word fits in 90 % of the width
         b = fonts.get(font, px).getbbox(text)
         if b[2] - b[0] <= 0.9 * size or px <= 6:
@@ -607,6 +614,7 @@ def scene_questions(rng: random.Random, scene: Scene, k: int, skip: str = "") ->
         options["text"] = lambda: Question("text", {}, scene.word.text)
     kinds = [kind for kind in options if kind != skip]
     rng.shuffle(kinds)
+    kinds.sort(key=lambda kind: kind != "text")  # a word is always read (the scarcest kind)
     return [options[kind]() for kind in kinds[:k]]
 
 

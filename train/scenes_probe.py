@@ -8,12 +8,20 @@ Promises:
   count (how many objects; features mean+max pooled over all tokens) and leftmost colour (the colour of the object
   with the smallest x; tokens max-pooled per column, so the probe keeps the horizontal order).
 - Prints one line per (size, layers) and writes the table as JSON to `--out`, with the encoder's ms per image.
+- `--heads` instead trains small attention heads (a 2-layer transformer over the image tokens, 256 wide, read from a
+  learned query; AdamW lr 1e-3, batch 64) on frozen features of layers [6, -2], 80/20 split, reporting held-out
+  accuracy every 5 epochs: count (1-5 objects), leftmost colour with and without a learned position embedding (are
+  positions readable from the features themselves?), and the printed word (122-way) at each `--word-fonts` font
+  size range (text scenes of train.scenes, `--word-images` images, words and fonts cycled). A linear probe can fail
+  where a head succeeds (counting is not linear in pooled features); the heads bound what the projector + LLM can
+  read from the same features.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import random
 import tempfile
 import time
 from pathlib import Path
@@ -61,6 +69,94 @@ def measure(tower, base_proc: ImageProcessing, size: int, n: int, layers: list, 
     return out
 
 
+class Head(torch.nn.Module):
+    """Attention head over image tokens: project, (optionally) add a learned position embedding, 2 transformer layers,
+    read the learned query token."""
+
+    def __init__(self, dim: int, tokens: int, classes: int, position: bool):
+        super().__init__()
+        self.inp = torch.nn.Linear(dim, 256)
+        self.pos = torch.nn.Parameter(torch.zeros(tokens, 256), requires_grad=position)
+        self.query = torch.nn.Parameter(torch.randn(1, 1, 256) * 0.02)
+        layer = torch.nn.TransformerEncoderLayer(256, 4, 512, batch_first=True, dropout=0.1)
+        self.body = torch.nn.TransformerEncoder(layer, 2)
+        self.out = torch.nn.Linear(256, classes)
+
+    def forward(self, x):
+        h = torch.cat([self.query.expand(len(x), -1, -1), self.inp(x) + self.pos], 1)
+        return self.out(self.body(h)[:, 0])
+
+
+def fit_head(X: torch.Tensor, labels: list, epochs: int, position: bool = True, seed: int = 0) -> list[float]:
+    """Held-out accuracy (last 20 %) every 5 epochs of a Head trained on the first 80 %."""
+    torch.manual_seed(seed)
+    classes = sorted(set(labels))
+    y = torch.tensor([classes.index(v) for v in labels])
+    train = len(X) * 4 // 5
+    X = (X - X[:train].mean((0, 1))) / (X[:train].std((0, 1)) + 1e-6)
+    head = Head(X.shape[-1], X.shape[1], len(classes), position)
+    opt = torch.optim.AdamW([p for p in head.parameters() if p.requires_grad], 1e-3, weight_decay=0.01)
+    scores = []
+    for epoch in range(epochs):
+        head.train()
+        for b in torch.randperm(train).split(64):
+            loss = torch.nn.functional.cross_entropy(head(X[b]), y[b])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        if epoch % 5 == 4:
+            head.eval()
+            with torch.no_grad():
+                scores.append(round((head(X[train:]).argmax(-1) == y[train:]).float().mean().item(), 3))
+    return scores
+
+
+def encode(tower, proc: ImageProcessing, images: list, layers=(6, -2)) -> torch.Tensor:
+    out = []
+    with torch.no_grad():
+        for i in range(0, len(images), 64):
+            pixels = torch.stack([preprocess(im, proc).pixel_values for im in images[i:i + 64]])
+            hidden = tower(pixels, output_hidden_states=True).hidden_states
+            out.append(torch.cat([hidden[k][:, 1:] for k in layers], -1))
+    return torch.cat(out)
+
+
+def heads(tower, proc: ImageProcessing, args, work: Path) -> dict:
+    from PIL import Image
+
+    out = {}
+    data = work / "heads"
+    scenes.generate(data, args.seed, args.n, 1, image_size=112, families=["count", "position", "relation", "existence"])
+    described = json.loads((data / "scenes-train.json").read_text())
+    keys = [k for k in described if "-" not in Path(k).stem][:args.n]
+    X = encode(tower, proc, [Image.open(data / k).convert("RGB") for k in keys])
+    objs = [described[k]["objects"] for k in keys]
+    out["count"] = fit_head(X, [len(o) for o in objs], args.epochs)
+    left = [min(o, key=lambda x: x["x"])["colour"] for o in objs]
+    out["leftmost_colour"] = fit_head(X, left, args.epochs)
+    out["leftmost_colour_no_position_embedding"] = fit_head(X, left, args.epochs, position=False)
+    fonts = scenes.Fonts(scenes.discover_fonts())
+    for fr in args.word_fonts.split(","):
+        lo, hi = (float(v) for v in fr.split("-"))
+        saved, scenes.WORD_FONT = scenes.WORD_FONT, (lo, hi)
+        try:
+            images, words = [], []
+            for i in range(args.word_images):
+                w = scenes.WORDS[i % len(scenes.WORDS)]
+                (scene,), _ = scenes.build_text(random.Random(f"probe:{args.seed}:{i}"), fonts, 112,
+                                                (w, i % len(fonts.refs)))
+                images.append(scenes.render(scene, fonts))
+                words.append(w)
+        finally:
+            scenes.WORD_FONT = saved
+        order = torch.randperm(len(images), generator=torch.Generator().manual_seed(0)).tolist()
+        X = encode(tower, proc, [images[i] for i in order])
+        out[f"word_font_{fr}"] = fit_head(X, [words[i] for i in order], args.word_epochs)
+    for k, v in out.items():
+        print(json.dumps({k: v}), flush=True)
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m train.scenes_probe", description=__doc__.split("\n")[0])
     p.add_argument("--sizes", default="112,168", help="image sides in pixels (DINOv2 patch 14: 112 -> 64 tokens)")
@@ -68,6 +164,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--n", type=int, default=600, help="images per size")
     p.add_argument("--seed", type=int, default=5)
     p.add_argument("--out", type=Path, default=None)
+    p.add_argument("--heads", action="store_true", help="train attention heads instead of linear probes (112 px)")
+    p.add_argument("--epochs", type=int, default=15, help="--heads: epochs of the count and colour heads")
+    p.add_argument("--word-images", type=int, default=2000, help="--heads: text scenes per font size range")
+    p.add_argument("--word-epochs", type=int, default=15)
+    p.add_argument("--word-fonts", default="0.13-0.17,0.22-0.30", help="--heads: font size ranges (fraction of side)")
     args = p.parse_args(argv)
     results = {}
     with tempfile.TemporaryDirectory(prefix="scenes-probe-") as work:
@@ -75,6 +176,11 @@ def main(argv: list[str] | None = None) -> int:
         assemble(default_spec(-2), base)
         lm = load_model(str(base), dtype="float32", quantization="none")
         tower = lm.model.model.vision_tower.eval()
+        if args.heads:
+            results = heads(tower, lm.image_processing, args, Path(work))
+            if args.out:
+                args.out.write_text(json.dumps(results, indent=1) + "\n")
+            return 0
         for size in (int(s) for s in args.sizes.split(",")):
             results.update(measure(tower, lm.image_processing, size, args.n, args.layers, args.seed, Path(work)))
     if args.out:
