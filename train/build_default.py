@@ -360,7 +360,7 @@ def build_scenes(args) -> int:
     keep = ("rows", "final_loss", "train_seconds", "total_seconds", "cache_fill_seconds", "seconds_per_step",
             "global_step", "stopped_by_time_budget_at")
     report = {"init": str(init), "generate_seconds": gen_seconds, "stage": {k: m.get(k) for k in keep},
-              "lora": {"r": args.lora_r, "alpha": args.lora_alpha}}
+              "lora": {"r": args.lora_r, "alpha": args.lora_alpha}, "scenes_questions": args.scenes_questions}
     print(json.dumps(report), flush=True)
     if args.skip_eval:
         return 0
@@ -402,7 +402,8 @@ def scenes_card(spec: AssemblySpec, report: dict) -> str:
         "## Recipe", "",
         f"- Start: the easy-VQA model ({report['init']}; its own recipe: `python -m train.build_default`).",
         f"- One stage-2 pass, LoRA r {report['lora']['r']} / alpha {report['lora']['alpha']} + projector continued, on {st['rows']} rows (train.scenes, seed 0, plus the "
-        f"text-only rows), {st['global_step']} steps, {st['train_seconds'] / 60:.1f} min "
+        f"text-only rows; {report.get('scenes_questions', 0)} more questions per one-image scene as independent turns), "
+        f"{st['global_step']} steps, {st['train_seconds'] / 60:.1f} min "
         f"({st['seconds_per_step']:.1f} s/step), final loss {st['final_loss']:.3f}.", "",
         "## Scores (held-out test and paraphrase sets of train.scenes; `python -m train.evaluate --rows`)", "",
         f"Overall: test {test['overall']:.3f}, paraphrases {para['overall']:.3f}; easy-VQA test "
