@@ -43,11 +43,16 @@ def probe(X: np.ndarray, y: np.ndarray, train: int) -> float:
     return float(LogisticRegression(max_iter=300, C=0.1).fit(X[:train], y[:train]).score(X[train:], y[train:]))
 
 
-def measure(tower, base_proc: ImageProcessing, size: int, n: int, layers: list, seed: int, work: Path) -> dict:
-    data = work / f"s{size}"
+def object_scenes(data: Path, seed: int, n: int, size: int) -> tuple[list[str], dict]:
+    """Generate n one-image object scenes into `data`: (image paths relative to it, path -> scene description)."""
     scenes.generate(data, seed, n, 1, image_size=size, families=["count", "position", "relation", "existence"])
     described = json.loads((data / "scenes-train.json").read_text())
-    keys = [k for k in described if "-" not in Path(k).stem][:n]  # one-image scenes
+    return [k for k in described if "-" not in Path(k).stem][:n], described
+
+
+def measure(tower, base_proc: ImageProcessing, size: int, n: int, layers: list, seed: int, work: Path) -> dict:
+    data = work / f"s{size}"
+    keys, described = object_scenes(data, seed, n, size)
     proc = ImageProcessing.from_dict({**base_proc.to_dict(), "size": size})
     pixels = torch.stack([preprocess(load_image(data / k), proc).pixel_values for k in keys])
     t0 = time.perf_counter()
@@ -122,14 +127,10 @@ def encode(tower, proc: ImageProcessing, images: list, layers=(6, -2)) -> torch.
 
 
 def heads(tower, proc: ImageProcessing, args, work: Path) -> dict:
-    from PIL import Image
-
     out = {}
     data = work / "heads"
-    scenes.generate(data, args.seed, args.n, 1, image_size=112, families=["count", "position", "relation", "existence"])
-    described = json.loads((data / "scenes-train.json").read_text())
-    keys = [k for k in described if "-" not in Path(k).stem][:args.n]
-    X = encode(tower, proc, [Image.open(data / k).convert("RGB") for k in keys])
+    keys, described = object_scenes(data, args.seed, args.n, 112)
+    X = encode(tower, proc, [load_image(data / k) for k in keys])
     objs = [described[k]["objects"] for k in keys]
     out["count"] = fit_head(X, [len(o) for o in objs], args.epochs)
     left = [min(o, key=lambda x: x["x"])["colour"] for o in objs]
