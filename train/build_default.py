@@ -103,6 +103,9 @@ def parse_args(argv):
     g.add_argument("--scenes-lr", type=float, default=5e-4)
     g.add_argument("--scenes-projector-lr", type=float, default=2e-4)
     g.add_argument("--scenes-epochs", type=float, default=1.0)
+    g.add_argument("--scenes-tune", choices=["lora", "full"], default="lora",
+                   help="lora: continue the init's adapter (shippable as assets/default/adapter); full: every LLM weight, "
+                        "starting from the init's merged hf/ folder (an experiment: the result is not shippable)")
     g.add_argument("--max-minutes", type=float, default=None, help="wall-time budget of the training pass")
     g.add_argument("--ship", action="store_true", help="write assets/default/ if every target is met")
     args = p.parse_args(argv)
@@ -251,7 +254,7 @@ def build_easyvqa(args) -> int:
         data = root / "stage2b-data.json"
         if not data.is_file():  # the next unseen images' questions + the base model's own text-only answers
             vqa = easyvqa.dialogues("train", instruction_every_turn=args.stage2b_source == "branches")
-            text = text_rows(base, root / "text-rows.json") * args.text_repeat
+            text = text_rows(base, args.runs / "text-rows.json") * args.text_repeat
             easyvqa.write_json(vqa[m2["rows"]:m2["rows"] + args.stage2b_rows] + text, data)
         m2b = finished(stage2) or run(TrainConfig(
             stage="stage2", data=str(data), output_dir=str(stage2), init_from=str(first),
@@ -273,10 +276,12 @@ def build_easyvqa(args) -> int:
 
 
 def scenes_init(args) -> Path:
-    """The easy-VQA model the scenes pass continues (projector.safetensors + adapter/)."""
+    """The easy-VQA model the scenes pass continues (projector.safetensors + adapter/); `rebuild` trains it first
+    under the same --runs folder (its own run folder `default`, feature cache and text rows shared)."""
     if args.scenes_init == "rebuild":
-        build_easyvqa(parse_args(["--name", "default", "--no-assets", "--stage2-rows", "1500", "--stage2-lr", "5e-4",
-                                  "--stage2-projector-lr", "2e-4", "--stage2b-rows", "2000", "--eval-limit", "1000"]))
+        build_easyvqa(parse_args(["--runs", str(args.runs), "--name", "default", "--no-assets", "--stage2-rows", "1500",
+                                  "--stage2-lr", "5e-4", "--stage2-projector-lr", "2e-4", "--stage2b-rows", "2000",
+                                  "--eval-limit", "1000", "--batch-size", str(args.batch_size)]))
         return args.runs / "default" / "stage2b"
     if args.scenes_init:
         return Path(args.scenes_init)
@@ -304,7 +309,7 @@ def scenes_data(args, spec: AssemblySpec, root: Path, base: Path) -> tuple[Path,
             described = json.loads((data / "scenes-train.json").read_text())
             rows = scenes.add_questions(rows, described, args.scenes_questions, args.scenes_seed)
         rows += [r for r in rows if r["family"] == "easyvqa"] * (args.easyvqa_repeat - 1)
-        text = text_rows(base, root / "text-rows.json") * args.text_repeat
+        text = text_rows(base, args.runs / "text-rows.json") * args.text_repeat
         easyvqa.write_json(rows + text, mix)
     return mix, seconds
 
@@ -345,35 +350,52 @@ def build_scenes(args) -> int:
     root = args.runs / args.name
     spec = default_spec(args.layer)
     base = root / "base"
+    t_start = time.perf_counter()
     if not (base / "config.json").is_file():
         assemble(spec, base)
     init = scenes_init(args)
+    init_seconds = time.perf_counter() - t_start  # the easy-VQA recipe when --scenes-init rebuild, else ~0
     mix, gen_seconds = scenes_data(args, spec, root, base)
     stage = root / "stage-scenes"
+    start = dict(model=str(base), init_from=str(init))
+    if args.scenes_tune == "full":  # the init's LoRA merged into the weights, all of them trained
+        if not (init / "hf" / "config.json").is_file():
+            raise SystemExit(f"--scenes-tune full starts from {init / 'hf'} (a stage's merged export), which is missing")
+        start = dict(model=str(init / "hf"), init_from=None)
     m = finished(stage) or run(TrainConfig(
-        stage="stage2", data=str(mix), output_dir=str(stage), init_from=str(init), lr=args.scenes_lr,
-        projector_lr=args.scenes_projector_lr, epochs=args.scenes_epochs, tune="lora",
+        stage="stage2", data=str(mix), output_dir=str(stage), lr=args.scenes_lr,
+        projector_lr=args.scenes_projector_lr, epochs=args.scenes_epochs, tune=args.scenes_tune,
         independent_turns=bool(args.scenes_questions), lora_r=args.lora_r,
-        lora_alpha=args.lora_alpha, export=True, max_minutes=args.max_minutes, model=str(base),
+        lora_alpha=args.lora_alpha, export=True, max_minutes=args.max_minutes, **start,
         batch_size=args.batch_size, feature_cache_dir=str(args.runs / "feature-cache"), save_steps=args.save_steps,
         logging_steps=5))
     keep = ("rows", "final_loss", "train_seconds", "total_seconds", "cache_fill_seconds", "seconds_per_step",
             "global_step", "stopped_by_time_budget_at")
     report = {"init": str(init), "generate_seconds": gen_seconds, "stage": {k: m.get(k) for k in keep},
-              "lora": {"r": args.lora_r, "alpha": args.lora_alpha}, "scenes_questions": args.scenes_questions}
+              "tune": args.scenes_tune, "lora": {"r": args.lora_r, "alpha": args.lora_alpha}, "scenes_questions": args.scenes_questions}
     print(json.dumps(report), flush=True)
     if args.skip_eval:
         return 0
     model = stage / "hf"
+    t_eval = time.perf_counter()
     report["test"] = evaluate_rows(model, root / "data" / "test.json", root / "eval-test")
     report["paraphrase"] = evaluate_rows(model, root / "data" / "paraphrase_test.json", root / "eval-paraphrase")
     report["easyvqa"] = finished_eval(root / "eval-easyvqa") or evaluate(model, args.eval_limit, root / "eval-easyvqa")
     report["chat"] = chat_check(model)
     report["targets"] = targets_met(report)
+    # wall-clock minutes per stage of this invocation (a stage an earlier invocation finished: init ~0, the
+    # scenes stage its recorded time)
+    report["build_minutes"] = {
+        "init (easy-VQA recipe when rebuilt)": init_seconds / 60, "scenes data": gen_seconds / 60,
+        "scenes stage (cache fill + training)": m.get("total_seconds", 0) / 60,
+        "evaluation (test, paraphrases, easy-VQA, chat)": (time.perf_counter() - t_eval) / 60,
+        "total": (time.perf_counter() - t_start) / 60}
     (root / "report.json").write_text(json.dumps(report, indent=1) + "\n")
     print(json.dumps({"targets": report["targets"], "test": report["test"]["overall"],
                       "paraphrase": report["paraphrase"]["overall"], "easyvqa": report["easyvqa"]["accuracy"]}))
-    if args.ship and all(report["targets"].values()):
+    if args.ship and args.scenes_tune != "lora":
+        print("not shipped: assets/default holds a LoRA adapter, this run tuned the whole LLM", flush=True)
+    elif args.ship and all(report["targets"].values()):
         ship_scenes(spec, stage, report)
     return 0
 
