@@ -107,6 +107,10 @@ def parse_args(argv):
                    help="lora: continue the init's adapter (shippable as assets/default/adapter); full: every LLM weight, "
                         "starting from the init's merged hf/ folder (an experiment: the result is not shippable)")
     g.add_argument("--max-minutes", type=float, default=None, help="wall-time budget of the training pass")
+    g.add_argument("--build-minutes", type=float, default=None,
+                   help="wall-time budget of the whole invocation: the scenes stage trains for what is left after the "
+                        "steps before it, less --eval-reserve (the tighter of this and --max-minutes wins)")
+    g.add_argument("--eval-reserve", type=float, default=8.0, help="minutes kept for the evaluation (see --build-minutes)")
     g.add_argument("--ship", action="store_true", help="write assets/default/ if every target is met")
     args = p.parse_args(argv)
     args.name = args.name or ("default" if args.recipe == "easyvqa" else "scenes")
@@ -357,6 +361,14 @@ def build_scenes(args) -> int:
     init_seconds = time.perf_counter() - t_start  # the easy-VQA recipe when --scenes-init rebuild, else ~0
     mix, gen_seconds = scenes_data(args, spec, root, base)
     stage = root / "stage-scenes"
+    budget = args.max_minutes
+    if args.build_minutes is not None:
+        left = args.build_minutes - (time.perf_counter() - t_start) / 60 - args.eval_reserve
+        if left <= 1:
+            raise SystemExit(f"--build-minutes {args.build_minutes}: {left + args.eval_reserve:.1f} min left before "
+                             f"the scenes stage, not enough to train and keep {args.eval_reserve} for evaluation")
+        budget = left if budget is None else min(budget, left)
+        print(json.dumps({"scenes_stage_minutes": round(budget, 1)}), flush=True)
     start = dict(model=str(base), init_from=str(init))
     if args.scenes_tune == "full":  # the init's LoRA merged into the weights, all of them trained
         if not (init / "hf" / "config.json").is_file():
@@ -366,7 +378,7 @@ def build_scenes(args) -> int:
         stage="stage2", data=str(mix), output_dir=str(stage), lr=args.scenes_lr,
         projector_lr=args.scenes_projector_lr, epochs=args.scenes_epochs, tune=args.scenes_tune,
         independent_turns=bool(args.scenes_questions), lora_r=args.lora_r,
-        lora_alpha=args.lora_alpha, export=True, max_minutes=args.max_minutes, **start,
+        lora_alpha=args.lora_alpha, export=True, max_minutes=budget, **start,
         batch_size=args.batch_size, feature_cache_dir=str(args.runs / "feature-cache"), save_steps=args.save_steps,
         logging_steps=5))
     keep = ("rows", "final_loss", "train_seconds", "total_seconds", "cache_fill_seconds", "seconds_per_step",
