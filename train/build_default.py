@@ -98,9 +98,9 @@ def parse_args(argv):
                    help="start at this generated row (a continuation run on rows an earlier run did not see)")
     g.add_argument("--scenes-questions", type=int, default=6,
                    help="more questions asked of each one-image training scene, packed as independent turns (0 = one)")
-    g.add_argument("--easyvqa-repeat", type=int, default=1,
+    g.add_argument("--easyvqa-repeat", type=int, default=2,
                    help="copies of the easy-VQA rows among the rows trained on (keeps what the old default knew)")
-    g.add_argument("--scenes-lr", type=float, default=5e-4)
+    g.add_argument("--scenes-lr", type=float, default=8e-4)
     g.add_argument("--scenes-projector-lr", type=float, default=2e-4)
     g.add_argument("--scenes-epochs", type=float, default=1.0)
     g.add_argument("--scenes-tune", choices=["lora", "full"], default="lora",

@@ -80,6 +80,7 @@ class TrainConfig(BaseModel):
     epochs: float = 1.0
     max_steps: int = -1
     max_minutes: float | None = None  # wall-time budget: stop after the step that exceeds it (1 process)
+    fit_schedule: bool = True  # with max_minutes: shorten the learning-rate schedule to the steps the budget holds
     batch_size: int = 8
     grad_accum: int = 1
     bf16: bool | Literal["auto"] = "auto"  # bf16 autocast; auto = only where the CPU/GPU runs bf16 natively
@@ -333,7 +334,7 @@ def run(cfg: TrainConfig) -> dict:
     if cfg.max_minutes is not None:
         if args.world_size > 1:
             raise ConfigError("max_minutes needs a single process (processes would stop at different steps)")
-        callbacks.append(budget := TimeBudget(cfg.max_minutes))
+        callbacks.append(budget := TimeBudget(cfg.max_minutes, fit_schedule=cfg.fit_schedule))
     trainer = LlavaTrainer(
         model=model, args=args, train_dataset=ds, data_collator=Collator(tokenizer.pad_token_id, cache),
         projector_lr=cfg.projector_lr, group_by_modality_length=cfg.group_by_modality_length, callbacks=callbacks,
@@ -345,6 +346,7 @@ def run(cfg: TrainConfig) -> dict:
                  final_loss=result.training_loss, resumed_from=last, global_step=trainer.state.global_step,
                  seconds_per_step=timer.seconds_per_step(),
                  stopped_by_time_budget_at=budget.stopped_at if cfg.max_minutes is not None else None,
+                 schedule_fitted_to_steps=budget.fitted_steps if cfg.max_minutes is not None else None,
                  zero_stage=trainer.accelerator.state.deepspeed_plugin.zero_stage if trainer.is_deepspeed_enabled else None)
     with gathered_weights(model):
         if args.should_save:

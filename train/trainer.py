@@ -104,18 +104,44 @@ class StepTimer(TrainerCallback):
 class TimeBudget(TrainerCallback):
     """Ends training once `minutes` of wall time have passed since it began (this process): the step in progress
     finishes and the run's outputs are saved as after a full run, so a run on a busy machine lands on time.
-    Single-process only: processes that stopped at different steps would wait on each other forever."""
+    Single-process only: processes that stopped at different steps would wait on each other forever.
 
-    def __init__(self, minutes: float):
+    With `fit_schedule`, the learning-rate schedule is fitted to the budget: from `after` steps on, every step
+    re-estimates how many steps the remaining time holds (at the pace so far) and, when that is fewer than planned,
+    shortens the schedule's length (`num_training_steps` of transformers' step-based schedules) so the decay ends
+    when the time does, instead of training stopping at a high learning rate part-way down the curve."""
+
+    def __init__(self, minutes: float, fit_schedule: bool = False, after: int = 5):
         self.seconds, self._start, self.stopped_at = minutes * 60, 0.0, None
+        self.fit_schedule, self.after = fit_schedule, after
+        self._first_step: int | None = None
+        self.fitted_steps: int | None = None
 
     def on_train_begin(self, args, state, control, **kwargs):
         self._start = time.perf_counter()
+        self._first_step = state.global_step
 
-    def on_step_end(self, args, state, control, **kwargs):
-        if time.perf_counter() - self._start > self.seconds:
+    def on_step_end(self, args, state, control, lr_scheduler=None, **kwargs):
+        elapsed = time.perf_counter() - self._start
+        if elapsed > self.seconds:
             control.should_training_stop = True
             self.stopped_at = state.global_step
+            return
+        done = state.global_step - (self._first_step or 0)
+        if self.fit_schedule and lr_scheduler is not None and done >= self.after:
+            fits = state.global_step + int((self.seconds - elapsed) / (elapsed / done))
+            if fits < state.max_steps:
+                self._shorten(lr_scheduler, max(fits, state.global_step + 1))
+
+    def _shorten(self, scheduler, steps: int) -> None:
+        lambdas = getattr(scheduler, "lr_lambdas", None)
+        if not lambdas or not all("num_training_steps" in getattr(f, "keywords", {}) for f in lambdas):
+            return  # a schedule without a length (constant, inverse sqrt) has nothing to fit
+        import functools
+
+        scheduler.lr_lambdas = [functools.partial(f.func, *f.args, **{**f.keywords, "num_training_steps": steps})
+                                for f in lambdas]
+        self.fitted_steps = steps
 
 
 def write_run_report(trainer: Trainer, out_dir: Path, extra: dict) -> dict:
