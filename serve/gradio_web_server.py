@@ -479,8 +479,14 @@ CSS = "#llava-chatbot { min-height: 420px; }"
 
 
 def example_rows() -> list[list[dict[str, Any]]]:
+    """The default model's own examples first (assets/default/examples.json: `[{"files": [...], "text": ...}]`,
+    files in assets/demo; the scenes default lists one per question family), then EXAMPLES."""
     root = demo_dir()
-    return [[{"text": q, "files": [str(root / f)]}] for f, q in EXAMPLES if (root / f).is_file()]
+    own = assets_root() / "default" / "examples.json"
+    examples = [(tuple(e["files"]), e["text"]) for e in json.loads(own.read_text())] if own.is_file() else []
+    examples += [((f,), q) for f, q in EXAMPLES]
+    return [[{"text": q, "files": [str(root / f) for f in files]}] for files, q in examples
+            if all((root / f).is_file() for f in files)]
 
 
 def build_demo(config: WebConfig) -> gr.Blocks:

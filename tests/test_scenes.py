@@ -253,3 +253,24 @@ def test_scorer_figures(tmp_path):
     assert [q["question_id"] for q in single] == ["q0", "q1", "q2", "q3", "q4"] and single[0]["text"] == "Q?"
     assert multi == [{"question_id": "q5", "image": ["a.png", "b.png"], "text": "<image>\nQ?", "answer": "first",
                       "category": "two_image"}]
+
+
+def test_demo_examples_give_the_web_ui_one_example_per_family(data, tmp_path, monkeypatch):
+    from serve.gradio_web_server import example_rows
+
+    demo = tmp_path / "demo"
+    demo.mkdir()
+    examples = scenes.demo_examples(data, demo)
+    assert [e["text"] for e in examples] and all("<image>" not in e["text"] for e in examples)
+    manifest = json.loads((demo / "manifest.json").read_text())
+    families = {manifest[e["files"][0]]["family"] for e in examples}
+    assert families == set(scenes.FAMILIES) - {"easyvqa"}
+    pair = next(e for e in examples if e["files"][0].startswith("scenes-two_image"))
+    assert pair["files"] == ["scenes-two_image-1.png", "scenes-two_image-2.png"]
+    (tmp_path / "default").mkdir()
+    (tmp_path / "default" / "examples.json").write_text(json.dumps(examples))
+    monkeypatch.setenv("LLAVA_ASSETS", str(tmp_path))
+    rows = example_rows()
+    assert [r[0]["text"] for r in rows] == [e["text"] for e in examples]  # photos/easy-VQA files absent here
+    assert rows[[e["files"] for e in examples].index(pair["files"])][0]["files"] == [
+        str(demo / "scenes-two_image-1.png"), str(demo / "scenes-two_image-2.png")]

@@ -174,6 +174,7 @@ def write_assets(spec: AssemblySpec, stage2: Path, card: str) -> None:
     for name in ("adapter_config.json", "adapter_model.safetensors"):
         shutil.copy(stage2 / "adapter" / name, ASSETS / "adapter" / name)
     (ASSETS / "MODEL_CARD.md").write_text(card)
+    (ASSETS / "examples.json").unlink(missing_ok=True)  # the web UI's examples for another model (ship_scenes)
     # a quality gate recorded for the previous weights says nothing about these: `--quantization auto` serves them
     # unquantized until `python -m bench.precision --record` gates them again
     if (ASSETS / "precision.json").exists():
@@ -408,15 +409,20 @@ def build_scenes(args) -> int:
     if args.ship and args.scenes_tune != "lora":
         print("not shipped: assets/default holds a LoRA adapter, this run tuned the whole LLM", flush=True)
     elif args.ship and all(report["targets"].values()):
-        ship_scenes(spec, stage, report)
+        ship_scenes(spec, stage, report, root / "data")
     return 0
 
 
-def ship_scenes(spec: AssemblySpec, stage: Path, report: dict) -> None:
-    """Keep the easy-VQA pieces as assets/default-easyvqa/, then write the scenes model to assets/default/."""
+def ship_scenes(spec: AssemblySpec, stage: Path, report: dict, data: Path) -> None:
+    """Keep the easy-VQA pieces as assets/default-easyvqa/, then write the scenes model to assets/default/ with
+    one web UI example per family (test rows, images copied to assets/demo/)."""
+    from train.scenes import demo_examples
+
     if not ASSETS_EASYVQA.is_dir():
         shutil.copytree(ASSETS, ASSETS_EASYVQA)
     write_assets(spec, stage, scenes_card(spec, report))
+    examples = demo_examples(data, ASSETS.parent / "demo")
+    (ASSETS / "examples.json").write_text(json.dumps(examples, indent=1) + "\n")
 
 
 def scenes_card(spec: AssemblySpec, report: dict) -> str:

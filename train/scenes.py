@@ -25,6 +25,9 @@ Promises:
   questions about each one-image training scene as further exchanges, each of another kind and answered under the
   same rules; trained as independent turns, one image's tokens then serve k + 1 questions. A word present in the
   scene is always asked. The files written by `generate` do not change.
+- `demo_examples(data, demo)` copies the first test row of every family (easy-VQA aside) into the demo folder as
+  `scenes-<family>[-n].png` (+ manifest.json entries naming the row and answer) and returns them as web UI examples
+  `{"files": [names], "text": question}`.
 """
 
 from __future__ import annotations
@@ -744,6 +747,29 @@ def generate(out: Path, seed: int, n_train: int, n_test: int, image_size: int = 
         meta["counts"][split]["images"] = len(data.scenes) + len(data.copies)
     (out / "meta.json").write_text(json.dumps(meta, indent=1) + "\n")
     return meta
+
+
+def demo_examples(data: Path, demo: Path) -> list[dict]:
+    """One held-out test row per family as web UI examples (see the module docstring)."""
+    rows = json.loads((data / "test.json").read_text())
+    seed = json.loads((data / "meta.json").read_text())["seed"]
+    manifest_file = demo / "manifest.json"
+    manifest = json.loads(manifest_file.read_text()) if manifest_file.is_file() else {}
+    examples = []
+    for family in FAMILIES:
+        row = next((r for r in rows if r["family"] == family and family != "easyvqa"), None)
+        if row is None:
+            continue
+        images = row["image"] if isinstance(row["image"], list) else [row["image"]]
+        names = [f"scenes-{family}{f'-{i + 1}' if len(images) > 1 else ''}.png" for i, _ in enumerate(images)]
+        question, answer = row["conversations"][0]["value"], row["conversations"][1]["value"]
+        for src, name in zip(images, names):
+            shutil.copyfile(data / src, demo / name)
+            manifest[name] = {"source": f"train.scenes seed {seed}, test row {row['id']}", "family": family,
+                              "kind": row["kind"], "question": question, "answer": answer}
+        examples.append({"files": names, "text": question.replace("<image>", "").strip()})
+    manifest_file.write_text(json.dumps(manifest, indent=1) + "\n")
+    return examples
 
 
 def main(argv: list[str] | None = None) -> int:
