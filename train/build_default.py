@@ -45,6 +45,7 @@ from train.train import TrainConfig, run
 
 ASSETS = Path(__file__).resolve().parents[1] / "assets" / "default"
 ASSETS_EASYVQA = ASSETS.with_name(DEFAULT_NAMES[1])  # the easy-VQA default, once the scenes model replaces it
+EASYVQA_TEST_QUESTIONS = 9673  # easy-VQA 1.0 test split (what --eval-limit None evaluates)
 TARGETS = {"overall": 0.90, "family": 0.80, "caption": 0.90, "paraphrase": 0.85, "easyvqa": 0.99}
 CHAT_CHECK = ("What is the tallest mountain in the world?", "How do plants drink water?",
               "Tell me something nice about dogs.", "What should I eat for breakfast?")  # none is in text_prompts.json
@@ -110,7 +111,9 @@ def parse_args(argv):
     g.add_argument("--build-minutes", type=float, default=None,
                    help="wall-time budget of the whole invocation: the scenes stage trains for what is left after the "
                         "steps before it, less --eval-reserve (the tighter of this and --max-minutes wins)")
-    g.add_argument("--eval-reserve", type=float, default=8.0, help="minutes kept for the evaluation (see --build-minutes)")
+    g.add_argument("--eval-reserve", type=float, default=None,
+                   help="minutes kept for the evaluation (see --build-minutes; default 3 + 1 per 1,000 easy-VQA "
+                        "questions: on 2 idle cores, test + paraphrases + chat took 2.4, easy-VQA 0.8 per 1,000)")
     g.add_argument("--ship", action="store_true", help="write assets/default/ if every target is met")
     args = p.parse_args(argv)
     args.name = args.name or ("default" if args.recipe == "easyvqa" else "scenes")
@@ -351,6 +354,21 @@ def targets_met(report: dict) -> dict[str, bool]:
             "chat in sentences": all(c["words"] >= 5 for c in report["chat"])}
 
 
+def scenes_budget(args, elapsed: float) -> float | None:
+    """Minutes the scenes stage may train: --max-minutes, or what --build-minutes leaves after `elapsed` minutes and
+    the evaluation's reserve (the tighter of the two); an error when a minute or less would be left."""
+    if args.build_minutes is None:
+        return args.max_minutes
+    reserve = args.eval_reserve if args.eval_reserve is not None else 3 + (args.eval_limit or EASYVQA_TEST_QUESTIONS) / 1000
+    left = args.build_minutes - elapsed - reserve
+    if left <= 1:
+        raise SystemExit(f"--build-minutes {args.build_minutes}: {args.build_minutes - elapsed:.1f} min left before the "
+                         f"scenes stage, not enough to train and keep {reserve:.1f} for evaluation (--eval-reserve)")
+    budget = left if args.max_minutes is None else min(args.max_minutes, left)
+    print(json.dumps({"scenes_stage_minutes": round(budget, 1)}), flush=True)
+    return budget
+
+
 def build_scenes(args) -> int:
     root = args.runs / args.name
     spec = default_spec(args.layer)
@@ -362,14 +380,7 @@ def build_scenes(args) -> int:
     init_seconds = time.perf_counter() - t_start  # the easy-VQA recipe when --scenes-init rebuild, else ~0
     mix, gen_seconds = scenes_data(args, spec, root, base)
     stage = root / "stage-scenes"
-    budget = args.max_minutes
-    if args.build_minutes is not None:
-        left = args.build_minutes - (time.perf_counter() - t_start) / 60 - args.eval_reserve
-        if left <= 1:
-            raise SystemExit(f"--build-minutes {args.build_minutes}: {left + args.eval_reserve:.1f} min left before "
-                             f"the scenes stage, not enough to train and keep {args.eval_reserve} for evaluation")
-        budget = left if budget is None else min(budget, left)
-        print(json.dumps({"scenes_stage_minutes": round(budget, 1)}), flush=True)
+    budget = scenes_budget(args, (time.perf_counter() - t_start) / 60)
     start = dict(model=str(base), init_from=str(init))
     if args.scenes_tune == "full":  # the init's LoRA merged into the weights, all of them trained
         if not (init / "hf" / "config.json").is_file():
