@@ -361,9 +361,8 @@ def test_independent_turns_packed_as_tree_equal_separate_single_turn_samples(tin
     assert float(packed) == pytest.approx(total / count, rel=1e-4)
 
 
-def test_time_budget_fits_the_cosine_schedule_to_the_steps_the_time_holds(monkeypatch):
-    """A budget that holds 20 steps of a 100-step schedule: the learning rate reaches ~0 by the last step, where a
-    cut schedule would still be near its peak; and training stops once the time is up."""
+def _budgeted_run(monkeypatch, fit_schedule: bool):
+    """Steps of 1 s under a 20-s TimeBudget over a 100-step cosine schedule: (budget, learning rate after each step)."""
     from types import SimpleNamespace
 
     from transformers import TrainerControl, get_cosine_schedule_with_warmup
@@ -374,7 +373,7 @@ def test_time_budget_fits_the_cosine_schedule_to_the_steps_the_time_holds(monkey
     monkeypatch.setattr(trainer_mod.time, "perf_counter", lambda: clock[0])
     opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
     sched = get_cosine_schedule_with_warmup(opt, num_warmup_steps=2, num_training_steps=100)
-    budget = trainer_mod.TimeBudget(minutes=20 / 60, fit_schedule=True)  # 20 s at 1 s/step
+    budget = trainer_mod.TimeBudget(minutes=20 / 60, fit_schedule=fit_schedule)
     state, control = SimpleNamespace(global_step=0, max_steps=100), TrainerControl()
     budget.on_train_begin(None, state, control)
     lrs = []
@@ -385,7 +384,14 @@ def test_time_budget_fits_the_cosine_schedule_to_the_steps_the_time_holds(monkey
         state.global_step += 1
         lrs.append(sched.get_last_lr()[0])
         budget.on_step_end(None, state, control, lr_scheduler=sched)
+    return budget, lrs
+
+
+def test_time_budget_fits_the_cosine_schedule_to_the_steps_the_time_holds(monkeypatch):
+    """A budget that holds 20 steps of a 100-step schedule: fitted, the learning rate reaches ~0 by the last step;
+    unfitted, training stops near the peak. Either way it stops once the time is up."""
+    budget, lrs = _budgeted_run(monkeypatch, fit_schedule=True)
     assert budget.stopped_at == 21 and budget.fitted_steps == 21  # the step that crosses the budget finishes
     assert lrs[4] > 0.9 and lrs[-1] < 0.01  # near the peak early, decayed by the last step
-    cut = get_cosine_schedule_with_warmup(torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0), 2, 100)
-    assert cut.lr_lambdas[0](20) > 0.9  # what the unfitted schedule would have used at the stop
+    budget, lrs = _budgeted_run(monkeypatch, fit_schedule=False)
+    assert budget.stopped_at == 21 and budget.fitted_steps is None and lrs[-1] > 0.9

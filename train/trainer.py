@@ -15,6 +15,7 @@ Promises:
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import statistics
@@ -114,7 +115,7 @@ class TimeBudget(TrainerCallback):
     def __init__(self, minutes: float, fit_schedule: bool = False, after: int = 5):
         self.seconds, self._start, self.stopped_at = minutes * 60, 0.0, None
         self.fit_schedule, self.after = fit_schedule, after
-        self._first_step: int | None = None
+        self._first_step = 0
         self.fitted_steps: int | None = None
 
     def on_train_begin(self, args, state, control, **kwargs):
@@ -127,7 +128,7 @@ class TimeBudget(TrainerCallback):
             control.should_training_stop = True
             self.stopped_at = state.global_step
             return
-        done = state.global_step - (self._first_step or 0)
+        done = state.global_step - self._first_step
         if self.fit_schedule and lr_scheduler is not None and done >= self.after:
             fits = state.global_step + int((self.seconds - elapsed) / (elapsed / done))
             if fits < state.max_steps:
@@ -137,8 +138,6 @@ class TimeBudget(TrainerCallback):
         lambdas = getattr(scheduler, "lr_lambdas", None)
         if not lambdas or not all("num_training_steps" in getattr(f, "keywords", {}) for f in lambdas):
             return  # a schedule without a length (constant, inverse sqrt) has nothing to fit
-        import functools
-
         scheduler.lr_lambdas = [functools.partial(f.func, *f.args, **{**f.keywords, "num_training_steps": steps})
                                 for f in lambdas]
         self.fitted_steps = steps
