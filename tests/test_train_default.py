@@ -32,3 +32,33 @@ def test_build_minutes_leave_the_scenes_stage_what_is_left_after_the_evaluation_
     assert scenes_budget(parse_args(["--recipe", "scenes", "--max-minutes", "30"]), 500.0) == 30
     with pytest.raises(SystemExit, match="--eval-reserve"):
         scenes_budget(parse_args(["--recipe", "scenes", "--build-minutes", "120", "--eval-reserve", "10"]), 109.5)
+
+
+def test_scenes_mix_takes_easyvqa_images_the_rebuilt_init_never_saw_as_independent_turns(tmp_path, monkeypatch):
+    from train import build_default, easyvqa
+    from train.build_default import INIT_STAGE2_ROWS, parse_args, scenes_data, scenes_init
+
+    data = tmp_path / "scenes" / "data"
+    data.mkdir(parents=True)
+    (data / "meta.json").write_text("{}")  # the generated set exists: scenes_data only writes the mix
+    scene_row = {"id": "s0", "image": "images/s0.png", "family": "count", "kind": "count/all",
+                 "conversations": [{"from": "human", "value": "<image>\nHow many shapes are there?"},
+                                   {"from": "gpt", "value": "3"}]}
+    (data / "train.json").write_text(json.dumps([scene_row]))
+    text = [{"id": "text-0", "conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hello!"}]}]
+    (tmp_path / "text-rows.json").write_text(json.dumps(text))
+    args = parse_args(["--recipe", "scenes", "--runs", str(tmp_path), "--scenes-init", "rebuild", "--scenes-questions", "0",
+                       "--easyvqa-branches", "3", "--init-stage2b-rows", "0", "--text-repeat", "1"])
+    mix, _ = scenes_data(args, build_default.default_spec([6, -2]), tmp_path / "scenes", tmp_path / "base")
+    rows = json.loads(mix.read_text())
+    expected = easyvqa.dialogues("train", instruction_every_turn=True)[INIT_STAGE2_ROWS:INIT_STAGE2_ROWS + 3]
+    assert rows == [scene_row] + expected + text
+    questions = [t["value"] for t in expected[0]["conversations"][0::2]]
+    assert all(q.endswith(easyvqa.prompt("")) for q in questions), questions  # every turn stands alone
+
+    built = []
+    monkeypatch.setattr(build_default, "build_easyvqa", lambda a: built.append(a))
+    assert scenes_init(args) == tmp_path / "default" / "stage2"
+    assert built[0].stage2b_rows == 0 and built[0].stage2_rows == INIT_STAGE2_ROWS
+    assert scenes_init(parse_args(["--recipe", "scenes", "--runs", str(tmp_path), "--scenes-init", "rebuild"])) \
+        == tmp_path / "default" / "stage2b"

@@ -48,6 +48,7 @@ from train.train import TrainConfig, run
 
 ASSETS = Path(__file__).resolve().parents[1] / "assets" / "default"
 ASSETS_EASYVQA = ASSETS.with_name(DEFAULT_NAMES[1])  # the easy-VQA default, once the scenes model replaces it
+INIT_STAGE2_ROWS = 1500  # easy-VQA dialogues of the rebuilt init's stage 2 (its stage 2b takes the next images)
 EASYVQA_TEST_QUESTIONS = 9673  # easy-VQA 1.0 test split (what --eval-limit None evaluates)
 TARGETS = {"overall": 0.90, "family": 0.80, "caption": 0.90, "paraphrase": 0.85, "easyvqa": 0.99}
 CHAT_CHECK = ("What is the tallest mountain in the world?", "How do plants drink water?",
@@ -104,6 +105,12 @@ def parse_args(argv):
                    help="more questions asked of each one-image training scene, packed as independent turns (0 = one)")
     g.add_argument("--easyvqa-repeat", type=int, default=2,
                    help="copies of the easy-VQA rows among the rows trained on (keeps what the old default knew)")
+    g.add_argument("--easyvqa-branches", type=int, default=0,
+                   help="easy-VQA images (ones the init never saw) added to the mix with all their questions as "
+                        "independent turns, as in stage 2b")
+    g.add_argument("--init-stage2b-rows", type=int, default=2000,
+                   help="with --scenes-init rebuild: the easy-VQA recipe's stage-2b rows (0 = none: the scenes stage "
+                        "starts from stage 2 and gets the time stage 2b would have taken)")
     g.add_argument("--scenes-lr", type=float, default=8e-4)
     g.add_argument("--scenes-projector-lr", type=float, default=2e-4)
     g.add_argument("--scenes-epochs", type=float, default=1.0)
@@ -290,10 +297,11 @@ def scenes_init(args) -> Path:
     """The easy-VQA model the scenes pass continues (projector.safetensors + adapter/); `rebuild` trains it first
     under the same --runs folder (its own run folder `default`, feature cache and text rows shared)."""
     if args.scenes_init == "rebuild":
-        build_easyvqa(parse_args(["--runs", str(args.runs), "--name", "default", "--no-assets", "--stage2-rows", "1500",
-                                  "--stage2-lr", "5e-4", "--stage2-projector-lr", "2e-4", "--stage2b-rows", "2000",
-                                  "--eval-limit", "1000", "--batch-size", str(args.batch_size)]))
-        return args.runs / "default" / "stage2b"
+        build_easyvqa(parse_args(["--runs", str(args.runs), "--name", "default", "--no-assets", "--stage2-rows",
+                                  str(INIT_STAGE2_ROWS), "--stage2-lr", "5e-4", "--stage2-projector-lr", "2e-4",
+                                  "--stage2b-rows", str(args.init_stage2b_rows), "--eval-limit", "1000",
+                                  "--batch-size", str(args.batch_size)]))
+        return args.runs / "default" / ("stage2b" if args.init_stage2b_rows else "stage2")
     if args.scenes_init:
         return Path(args.scenes_init)
     return ASSETS_EASYVQA if (ASSETS_EASYVQA / "projector.safetensors").is_file() else ASSETS
@@ -312,6 +320,7 @@ def scenes_data(args, spec: AssemblySpec, root: Path, base: Path) -> tuple[Path,
     extra = f"-e{args.easyvqa_repeat}" if args.easyvqa_repeat != 1 else ""
     extra += f"-from{args.scenes_skip}" if args.scenes_skip else ""
     extra += f"-q{args.scenes_questions}" if args.scenes_questions else ""
+    extra += f"-b{args.easyvqa_branches}" if args.easyvqa_branches else ""
     mix = data / f"train-mix-{args.scenes_rows or 'all'}{extra}-t{args.text_repeat}.json"
     if not mix.is_file():
         rows = json.loads((data / "train.json").read_text())[args.scenes_skip:]
@@ -320,6 +329,9 @@ def scenes_data(args, spec: AssemblySpec, root: Path, base: Path) -> tuple[Path,
             described = json.loads((data / "scenes-train.json").read_text())
             rows = scenes.add_questions(rows, described, args.scenes_questions, args.scenes_seed)
         rows += [r for r in rows if r["family"] == "easyvqa"] * (args.easyvqa_repeat - 1)
+        if args.easyvqa_branches:  # images after those the rebuilt init's stages 2 and 2b trained on
+            start = INIT_STAGE2_ROWS + args.init_stage2b_rows
+            rows += easyvqa.dialogues("train", instruction_every_turn=True)[start:start + args.easyvqa_branches]
         text = text_rows(base, args.runs / "text-rows.json") * args.text_repeat
         easyvqa.write_json(rows + text, mix)
     return mix, seconds
@@ -392,7 +404,7 @@ def build_scenes(args) -> int:
     m = finished(stage) or run(TrainConfig(
         stage="stage2", data=str(mix), output_dir=str(stage), lr=args.scenes_lr,
         projector_lr=args.scenes_projector_lr, epochs=args.scenes_epochs, tune=args.scenes_tune,
-        independent_turns=bool(args.scenes_questions), lora_r=args.lora_r,
+        independent_turns=bool(args.scenes_questions or args.easyvqa_branches), lora_r=args.lora_r,
         lora_alpha=args.lora_alpha, export=True, max_minutes=budget, **start,
         batch_size=args.batch_size, feature_cache_dir=str(args.runs / "feature-cache"), save_steps=args.save_steps,
         logging_steps=5))
