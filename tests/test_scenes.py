@@ -132,7 +132,7 @@ def test_added_questions_follow_from_the_scenes(data):
     more = scenes.add_questions(rows, load(data, "scenes-train.json"), 6, seed=5)
     assert more != rows and [r["id"] for r in more] == [r["id"] for r in rows]
     assert more == scenes.add_questions(rows, load(data, "scenes-train.json"), 6, seed=5)  # deterministic
-    added, answers = Counter(), Counter()
+    added, answers, counted = Counter(), Counter(), Counter()
     for row, orig in zip(more, rows):
         conv = row["conversations"]
         assert conv[:2] == orig["conversations"]
@@ -147,10 +147,17 @@ def test_added_questions_follow_from_the_scenes(data):
             assert expected({**single, "family": family}, found) == gpt["value"], single
             kinds.append(_kind_of(single))
             answers[gpt["value"]] += gpt["value"] in ("yes", "no")
+            if kinds[-1] in ("count/colour", "count/shape"):
+                counted[gpt["value"]] += 1
         added[len(kinds)] += 1
         assert len(kinds) <= 6 and len(set(kinds)) == len(kinds) and _kind_of(orig) == orig["kind"] not in kinds
     assert sum(added.values()) > 100 and added[6] > 50
     assert 0.4 < answers["yes"] / (answers["yes"] + answers["no"]) < 0.6
+    # counts by colour/shape: not mostly "1" (a random colour or shape of a scene of 1-5 objects gives "1" about
+    # two times in three), some 0s, a quarter 2 or more
+    total = sum(counted.values())
+    assert total > 100 and counted["1"] < 0.55 * total and counted["0"] > 0.1 * total, counted
+    assert sum(counted[str(n)] for n in range(2, 6)) > 0.2 * total, counted
 
 
 def _kind_of(row: dict) -> str:

@@ -572,10 +572,14 @@ def scene_questions(rng: random.Random, scene: Scene, k: int, skip: str = "") ->
         options["count/all"] = lambda: Question("count/all", {}, str(len(objs)))
 
         def count_by(attr: str):
-            values = list(COLORS) if attr == "colour" else list(SHAPES)
-            present = sorted({getattr(o, attr) for o in objs})
-            value = rng.choice(present) if rng.random() < 0.7 else rng.choice(values)
-            return Question(f"count/{attr}", {attr: value}, str(sum(getattr(o, attr) == value for o in objs)))
+            # the answer first, then a colour/shape with that many objects: a random value would give "1" to two
+            # thirds of these questions (few scenes repeat a colour or shape) and teach that prior, not counting;
+            # half the time the scene's largest count, which brought 2+ from 17 % to 28 % of the answers
+            counts = {v: sum(getattr(o, attr) == v for o in objs) for v in (COLORS if attr == "colour" else SHAPES)}
+            answers = sorted(set(counts.values()))
+            answer = answers[-1] if rng.random() < 0.5 else rng.choice(answers)
+            value = rng.choice([v for v, n in counts.items() if n == answer])
+            return Question(f"count/{attr}", {attr: value}, str(answer))
 
         options["count/colour"] = lambda: count_by("colour")
         options["count/shape"] = lambda: count_by("shape")
