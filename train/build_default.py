@@ -17,7 +17,8 @@ Every stage resumes from its newest checkpoint when the command is re-run with t
 2. one more stage-2 pass (LoRA + projector, continuing the easy-VQA model's adapter, cached features per image,
    two-image rows with one `<image>` each) on those rows plus the text-only rows (the base model's own chat answers);
    with `--scenes-questions K` every one-image scene is asked K more questions (train.scenes.add_questions), packed
-   as independent turns so the image tokens are paid once per scene;
+   as independent turns so the image tokens are paid once per scene; `--easyvqa-branches N` adds N easy-VQA images
+   the init never saw with all their questions as independent turns (what stage 2b trains);
    `--max-minutes` ends it on time on a busy machine (outputs saved as after a full pass, the learning-rate
    schedule fitted to the steps the time holds), `--build-minutes` gives it what the whole invocation has left;
 3. evaluate on the held-out test.json and paraphrase_test.json per family (train.scenes_eval), on easy-VQA test and
