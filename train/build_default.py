@@ -107,8 +107,8 @@ def parse_args(argv):
     g.add_argument("--easyvqa-repeat", type=int, default=2,
                    help="copies of the easy-VQA rows among the rows trained on (keeps what the old default knew)")
     g.add_argument("--easyvqa-branches", type=int, default=0,
-                   help="easy-VQA images (ones the init never saw) added to the mix with all their questions as "
-                        "independent turns, as in stage 2b")
+                   help="easy-VQA training images added to the mix with all their questions as independent turns, as "
+                        "in stage 2b (the ones after those a rebuilt init trained on: see --init-stage2b-rows)")
     g.add_argument("--init-stage2b-rows", type=int, default=2000,
                    help="with --scenes-init rebuild: the easy-VQA recipe's stage-2b rows (0 = none: the scenes stage "
                         "starts from stage 2 and gets the time stage 2b would have taken)")
