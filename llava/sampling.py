@@ -5,7 +5,8 @@ Promises:
   `ValueError`) whose `.field` names the offending field.
 - `choose_next_tokens` picks one token per row of a logits batch: greedy when temperature is 0, otherwise
   temperature / top-k / top-p sampling drawn from the row's own seeded `torch.Generator`, so a seeded request
-  yields the same tokens whether it runs alone or inside a batch.
+  yields the same tokens whether it runs alone or inside a batch, given the same logits (in float32; in bf16 a batch
+  row's logits can round differently from a lone row's and now and then flip a draw).
 - `IncrementalDetokenizer` turns a growing token list into text deltas without ever splitting a multi-byte
   character, and `StopStringMatcher` finds stop strings even when they straddle token boundaries, holding back
   only the text that could still become a stop string.
