@@ -429,8 +429,19 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
     return TrainConfig(**values)
 
 
+def _leave_process_group() -> None:
+    """Leave the process group before the interpreter exits. A process that exits with it still open (a rank that
+    does not save, finishing while rank 0 writes the model) can abort in gloo's teardown ("terminate called without
+    an active exception", SIGABRT) and fail the whole launch after training succeeded. The barrier keeps every rank
+    until the save is done; only the CLI calls this, as the process ends right after."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
+
+
 def main(argv: list[str] | None = None) -> int:
     metrics = run(parse_args(argv))
+    _leave_process_group()
     summary = {k: metrics[k] for k in ("stage", "rows", "final_loss", "train_seconds", "global_step") if k in metrics}
     if "cache_measurement" in metrics:
         summary["cache_speedup"] = metrics["cache_measurement"]["cache_speedup"]
