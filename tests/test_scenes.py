@@ -281,3 +281,31 @@ def test_demo_examples_give_the_web_ui_one_example_per_family(data, tmp_path, mo
     assert [r[0]["text"] for r in rows] == [e["text"] for e in examples]  # photos/easy-VQA files absent here
     assert rows[[e["files"] for e in examples].index(pair["files"])][0]["files"] == [
         str(demo / "scenes-two_image-1.png"), str(demo / "scenes-two_image-2.png")]
+
+
+def test_relation_diagnostic_rows_follow_from_the_scenes(data):
+    """bench.scenes_relation_diag: its per-object half questions and relation questions are answered by the scene."""
+    from bench import scenes_relation_diag as diag
+
+    described = load(data, "scenes-train.json")
+    rows = diag.training_rows(data, "relation+where", seed=1)
+    assert rows and all(Path(r["image"]).is_file() for r in rows)
+    kinds = Counter()
+    for row in rows:
+        scene = scenes.scene_from_dict(described[str(Path(row["image"]).relative_to(data))])
+        objs = {(o.colour, o.shape): o for o in scene.objects}
+        conv = row["conversations"]
+        for human, gpt in zip(conv[::2], conv[1::2]):
+            q, answer = question({"conversations": [human]}), gpt["value"]
+            (a, *rest) = [objs[n] for n in named(q)]
+            if answer in ("left", "right", "top", "bottom"):
+                kinds["where"] += 1
+                axis = "x" if answer in ("left", "right") else "y"
+                assert (getattr(a, axis) > SIZE / 2) == (answer in ("right", "bottom"))
+                assert abs(getattr(a, axis) - SIZE / 2) >= scenes.MARGIN * SIZE
+            else:
+                kinds["relation"] += 1
+                (b,) = rest
+                rel = next(r for r, words in scenes.RELATIONS.items() if words[0] in q)
+                assert scenes.holds(a, rel, b, scenes.MARGIN * SIZE) == (answer == "yes")
+    assert kinds["where"] > 50 and kinds["relation"] > 50

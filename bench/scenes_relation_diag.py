@@ -1,0 +1,179 @@
+"""Why relation questions stay at chance (issue 14): train a scenes model on relation questions alone, or with an
+easier per-object question beside them, and score relation (test + paraphrases) and the per-object question.
+
+    python -m bench.scenes_relation_diag --data runs/build/scenesB/data --init runs/build/default/stage2b \
+        --out runs/diag/where --variant relation+where --max-minutes 30
+
+Variants (training rows: every one-image training scene of `--data` that has a relation to ask):
+- relation        up to 4 relation questions per scene (the generator's training templates, independent turns)
+- relation+where  the same, plus up to 4 "Is the red circle in the left or the right half of the image?" questions
+                  about single objects (answer left/right/top/bottom; objects within 10 % of the centre line skipped):
+                  reading one object's position is a step of every relation question, and far easier to learn alone
+`--tune full` trains every LLM weight (starting from the init's merged export, <init>/hf) instead of LoRA.
+`--layers '[0, 6, -2]'` starts instead from a new base with those vision feature layers (a new projector, a new LoRA;
+no --init): hidden state 0 is DINOv2's patch embedding plus its position embedding, so each token then carries its
+own column and row; run it beside the same with the default '[6, -2]' to compare.
+
+Writes <out>/report.json: the run's steps, loss curve summary, and scores. A diagnostic, not part of the recipe.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+from train import scenes
+from train.train import TrainConfig, run
+
+HALVES = {"x": ("left", "right"), "y": ("top", "bottom")}
+WHERE = {"x": ["Is the {o} in the left or the right half of the image?", "Is the {o} on the left or on the right?"],
+         "y": ["Is the {o} in the top or the bottom half of the image?", "Is the {o} at the top or at the bottom?"]}
+
+
+def where_questions(rng: random.Random, scene: scenes.Scene, k: int) -> list[tuple[str, str]]:
+    """Up to k (question, answer) pairs about one uniquely named object's half of the image, per axis."""
+    objs = scene.objects
+    unique = [o for o in objs if sum((p.colour, p.shape) == (o.colour, o.shape) for p in objs) == 1]
+    half, margin = scene.size / 2, scenes.MARGIN * scene.size
+    options = [(o, axis) for o in unique for axis in HALVES if abs(getattr(o, axis) - half) >= margin]
+    rng.shuffle(options)
+    out = []
+    for o, axis in options[:k]:
+        answer = HALVES[axis][int(getattr(o, axis) > half)]
+        out.append((rng.choice(WHERE[axis]).format(o=f"{o.colour} {o.shape}"), answer))
+    return out
+
+
+def relation_questions(rng: random.Random, scene: scenes.Scene, k: int, paraphrase: bool = False) -> list[tuple[str, str]]:
+    """Up to k relation (question, answer) pairs, drawn as train.scenes.scene_questions draws them."""
+    out = []
+    for _ in range(k):
+        qs = [q for q in scenes.scene_questions(rng, scene, 20) if q.kind == "relation"]
+        if not qs:
+            break
+        q = qs[0]
+        template = rng.choice(scenes.TEMPLATES["relation"][int(paraphrase)])
+        out.append((template.format(**scenes.fields(q.slots, paraphrase)), q.answer))
+    return out
+
+
+def turns(pairs: list[tuple[str, str]]) -> list[dict]:
+    conv = []
+    for i, (q, a) in enumerate(pairs):
+        conv += [{"from": "human", "value": ("<image>\n" if i == 0 else "") + scenes.easyvqa.prompt(q)},
+                 {"from": "gpt", "value": a}]
+    return conv
+
+
+def training_rows(data: Path, variant: str, seed: int) -> list[dict]:
+    described = json.loads((data / "scenes-train.json").read_text())
+    rows = []
+    for image, d in sorted(described.items()):
+        scene = scenes.scene_from_dict(d)
+        if len(scene.objects) < 2:
+            continue
+        rng = random.Random(f"diag:{seed}:{image}")
+        pairs = relation_questions(rng, scene, 4)
+        if not pairs:
+            continue
+        if variant == "relation+where":
+            pairs += where_questions(rng, scene, 4)
+            rng.shuffle(pairs)
+        rows.append({"id": f"diag-{image}", "image": str(data / image), "conversations": turns(pairs)})
+    return rows
+
+
+def where_test_rows(data: Path, seed: int) -> list[dict]:
+    described = json.loads((data / "scenes-test.json").read_text())
+    rows = []
+    for image, d in sorted(described.items()):
+        rng = random.Random(f"diag:{seed}:test:{image}")
+        for i, (q, a) in enumerate(where_questions(rng, scenes.scene_from_dict(d), 1)):
+            rows.append({"id": f"where-{image}-{i}", "image": str(data / image), "conversations": turns([(q, a)]),
+                         "family": "where", "kind": "where"})
+    return rows
+
+
+def evaluate(model: Path, rows: list[dict], out: Path) -> dict:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "rows.json").write_text(json.dumps(rows))
+    report = out / "report.json"
+    if not report.is_file():
+        subprocess.run([sys.executable, "-m", "train.evaluate", "--model-path", str(model), "--rows", str(out / "rows.json"),
+                        "--out-dir", str(out), "--no-progress", "--quantization", "none", "--max-new-tokens", "8"],
+                       check=True)
+    r = json.loads(report.read_text())
+    return {"overall": r["overall"], "n": r["n"], "by_axis": by_axis(rows, out / "answers.jsonl")}
+
+
+def by_axis(rows: list[dict], answers: Path) -> dict:
+    """Exact match split by the axis a question asks about: x (left/right) or y (top/bottom, above/below)."""
+    gold = {r["id"]: (r["conversations"][0]["value"], r["conversations"][1]["value"]) for r in rows}
+    hits: dict[str, list[int]] = {"x": [], "y": []}
+    for line in answers.read_text().splitlines():
+        a = json.loads(line)
+        question, answer = gold[a["question_id"]]
+        axis = "x" if any(w in question for w in ("left", "right")) else "y"
+        hits[axis].append(int(a["text"].strip().lower().rstrip(".") == answer))
+    return {axis: {"score": round(sum(h) / len(h), 4), "n": len(h)} for axis, h in hits.items() if h}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--data", type=Path, required=True, help="a scenes data folder (python -m train.scenes)")
+    p.add_argument("--init", type=Path, help="the stage the run continues (projector + adapter, hf/)")
+    p.add_argument("--layers", type=json.loads, help="JSON vision feature layer(s): start from a new base instead")
+    p.add_argument("--base", type=Path, help="the assembled base model (default: <init>/../base)")
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--variant", choices=["relation", "relation+where"], default="relation")
+    p.add_argument("--tune", choices=["lora", "full"], default="lora")
+    p.add_argument("--lr", type=float, default=8e-4)
+    p.add_argument("--projector-lr", type=float, default=2e-4)
+    p.add_argument("--lora-r", type=int, default=8)
+    p.add_argument("--max-minutes", type=float, default=30)
+    p.add_argument("--feature-cache", type=Path, default=None)
+    p.add_argument("--seed", type=int, default=0)
+    a = p.parse_args(argv)
+    a.data = a.data.resolve()  # rows name their images by absolute path
+    a.out.mkdir(parents=True, exist_ok=True)
+    rows = training_rows(a.data, a.variant, a.seed)
+    (a.out / "train.json").write_text(json.dumps(rows))
+    if a.layers is not None:
+        from llava.assemble import assemble
+        from train.build_default import default_spec
+
+        if not (a.out / "base" / "config.json").is_file():
+            assemble(default_spec(a.layers), a.out / "base")
+        start = dict(model=str(a.out / "base"), init_from=None)
+    elif a.init is None:
+        raise SystemExit("give --init (a stage to continue) or --layers (a new base)")
+    elif a.tune == "full":
+        start = dict(model=str(a.init / "hf"), init_from=None)
+    else:
+        start = dict(model=str(a.base or a.init.parent / "base"), init_from=str(a.init))
+    m = run(TrainConfig(stage="stage2", data=str(a.out / "train.json"), output_dir=str(a.out / "stage"), lr=a.lr,
+                        projector_lr=a.projector_lr, epochs=1.0, tune=a.tune, independent_turns=True,
+                        lora_r=a.lora_r, lora_alpha=2 * a.lora_r, export=True, max_minutes=a.max_minutes,
+                        batch_size=8, logging_steps=5, save_steps=10_000,
+                        feature_cache_dir=str(a.feature_cache) if a.feature_cache else None, **start))
+    test = [r for r in json.loads((a.data / "test.json").read_text()) if r["family"] == "relation"]
+    para = [r for r in json.loads((a.data / "paraphrase_test.json").read_text()) if r["family"] == "relation"]
+    for r in test + para:
+        r["image"] = str(a.data / r["image"])
+    model = a.out / "stage" / "hf"
+    report = {"variant": a.variant, "tune": a.tune, "init": str(a.init) if a.init else None, "layers": a.layers, "lr": a.lr, "rows": len(rows),
+              "questions": sum(len(r["conversations"]) // 2 for r in rows),
+              "stage": {k: m.get(k) for k in ("global_step", "seconds_per_step", "final_loss", "train_seconds")},
+              "relation_test": evaluate(model, test, a.out / "eval-test"),
+              "relation_paraphrase": evaluate(model, para, a.out / "eval-para"),
+              "where_test": evaluate(model, where_test_rows(a.data, a.seed), a.out / "eval-where")}
+    (a.out / "report.json").write_text(json.dumps(report, indent=1) + "\n")
+    print(json.dumps(report))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
