@@ -60,6 +60,7 @@ DEFAULT_TEMPERATURE = 0.2
 DEFAULT_TOP_P = 0.7
 DEFAULT_MAX_TOKENS = 512
 STOP_SETTLE_SECONDS = 5.0  # Stop waits at most this long for the cancelled reply to end
+STOP_RESYNC_SECONDS = 1.0  # after Stop, the page is brought up to date once more this much later
 
 
 def demo_dir() -> Path:
@@ -364,6 +365,13 @@ class ChatHandlers:
             self.finish_reply(chat, s, {"finish_reason": "stopped"}, request)
         return chat, render(chat), *button_updates(chat)
 
+    async def resync(self, chat: WebChat):
+        """After Stop: show the conversation and buttons once more, a moment later. An update of the cancelled
+        reply that was already on its way can reach the page after Stop's own (seen once on a loaded 2-core
+        machine: the reply was stopped and logged, but the page kept Regenerate and Clear disabled)."""
+        await asyncio.sleep(STOP_RESYNC_SECONDS)
+        return chat, render(chat), *button_updates(chat)
+
     def finish_reply(self, chat: WebChat, s: Streaming, outcome: dict[str, Any], request: gr.Request | None) -> None:
         """Commit and log the reply `s` once (Stop and the closing generator may both get here)."""
         if chat.streaming is not s:
@@ -548,7 +556,8 @@ def build_demo(config: WebConfig) -> gr.Blocks:
                                      api_name="regenerate")
         regen_gen = regen.then(h.bot_response, gen_inputs, gen_outputs, api_visibility="private")
         stop_btn.click(h.stopped, [chat_state], [chat_state, chatbot, *buttons], cancels=[submit_gen, regen_gen],
-                       api_name="stop")
+                       api_name="stop").then(h.resync, [chat_state], [chat_state, chatbot, *buttons],
+                                             api_visibility="private")
         clear_btn.click(h.clear, [chat_state], [chat_state, chatbot, textbox, *buttons, costs], api_name="clear")
         # the chatbot's own trash icon must clear the conversation too, not just the display
         chatbot.clear(h.clear, [chat_state], [chat_state, chatbot, textbox, *buttons, costs], api_visibility="private")
