@@ -370,7 +370,8 @@ class ChatHandlers:
         reply that was already on its way can reach the page after Stop's own (seen once on a loaded 2-core
         machine: the reply was stopped and logged, but the page kept Regenerate and Clear disabled)."""
         await asyncio.sleep(STOP_RESYNC_SECONDS)
-        return chat, render(chat), *button_updates(chat)
+        # a new reply may have started meanwhile: keep its streamed text on show
+        return chat, render(chat, chat.streaming.text if chat.streaming else None), *button_updates(chat)
 
     def finish_reply(self, chat: WebChat, s: Streaming, outcome: dict[str, Any], request: gr.Request | None) -> None:
         """Commit and log the reply `s` once (Stop and the closing generator may both get here)."""
