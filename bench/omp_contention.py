@@ -1,0 +1,85 @@
+"""How torch's CPU threads behave when another process is busy on the same small machine.
+
+    python -m bench.omp_contention [--out bench/results/omp_contention.json]
+
+Times a decode-shaped loop (one token through 30 matrix-vector products the size of SmolLM2-135M's MLP, 576 x 1536)
+in a fresh process per setting -- torch's default threads, OMP_WAIT_POLICY=PASSIVE, one thread -- once on an idle
+machine and once beside one busy process (a Python busy loop, as a training or test job would be). Each setting is
+measured in its own subprocess because OpenMP reads its environment once, when torch loads it.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+LOOP = r"""
+import time, torch
+torch.manual_seed(0)
+w = [torch.randn(576, 1536) for _ in range(30)]
+x = torch.randn(1, 576)
+def step():
+    for m in w:
+        x @ m
+for _ in range(50):
+    step()
+best = float("inf")
+for _ in range(3):
+    t = time.perf_counter()
+    for _ in range(300):
+        step()
+    best = min(best, (time.perf_counter() - t) / 300)
+print(best * 1e3, torch.get_num_threads())
+"""
+
+SETTINGS = {"default threads": {}, "OMP_WAIT_POLICY=PASSIVE": {"OMP_WAIT_POLICY": "PASSIVE"},
+            "1 thread": {"OMP_NUM_THREADS": "1"}}
+
+
+def cpu_flags() -> str:
+    wanted = ("avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512_vnni", "avx512_bf16", "amx_bf16", "amx_int8",
+              "avx_vnni")
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return "unknown"
+    flags = next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), [])
+    model = next((line.split(":", 1)[1].strip() for line in text.splitlines() if line.startswith("model name")), "?")
+    return f"{model} [{' '.join(f for f in wanted if f in flags)}], {os.cpu_count()} logical CPUs"
+
+
+def measure(extra_env: dict[str, str]) -> dict:
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "OMP_WAIT_POLICY")}
+    out = subprocess.run([sys.executable, "-c", LOOP], env={**env, **extra_env}, capture_output=True, text=True,
+                         check=True).stdout.split()
+    return {"ms_per_token_loop": round(float(out[0]), 2), "threads": int(out[1])}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--out", type=Path)
+    a = p.parse_args(argv)
+    result = {"cpu": cpu_flags(), "date": time.strftime("%Y-%m-%d"), "idle": {}, "beside one busy process": {}}
+    for name, env in SETTINGS.items():
+        result["idle"][name] = measure(env)
+    busy = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        time.sleep(1)
+        for name, env in SETTINGS.items():
+            result["beside one busy process"][name] = measure(env)
+    finally:
+        busy.kill()
+        busy.wait()
+    text = json.dumps(result, indent=1)
+    print(text)
+    if a.out:
+        a.out.write_text(text + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
