@@ -41,15 +41,9 @@ SETTINGS = {"default threads": {}, "OMP_WAIT_POLICY=PASSIVE": {"OMP_WAIT_POLICY"
 
 
 def cpu_flags() -> str:
-    wanted = ("avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512_vnni", "avx512_bf16", "amx_bf16", "amx_int8",
-              "avx_vnni")
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return "unknown"
-    flags = next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), [])
-    model = next((line.split(":", 1)[1].strip() for line in text.splitlines() if line.startswith("model name")), "?")
-    return f"{model} [{' '.join(f for f in wanted if f in flags)}], {os.cpu_count()} logical CPUs"
+    from llava.hardware import cpu_info
+
+    return f"{cpu_info().summary()}, {os.cpu_count()} logical CPUs"
 
 
 def measure(extra_env: dict[str, str]) -> dict:

@@ -21,11 +21,12 @@ from __future__ import annotations
 import argparse
 import json
 import random
-import subprocess
 import sys
 from pathlib import Path
 
+from llava.assemble import assemble
 from train import scenes
+from train.build_default import default_spec, evaluate_rows
 from train.train import TrainConfig, run
 
 HALVES = {"x": ("left", "right"), "y": ("top", "bottom")}
@@ -63,8 +64,7 @@ def relation_questions(rng: random.Random, scene: scenes.Scene, k: int, paraphra
 def turns(pairs: list[tuple[str, str]]) -> list[dict]:
     conv = []
     for i, (q, a) in enumerate(pairs):
-        conv += [{"from": "human", "value": ("<image>\n" if i == 0 else "") + scenes.easyvqa.prompt(q)},
-                 {"from": "gpt", "value": a}]
+        conv += [{"from": "human", "value": scenes.human(q, int(i == 0), True)}, {"from": "gpt", "value": a}]
     return conv
 
 
@@ -100,12 +100,7 @@ def where_test_rows(data: Path, seed: int) -> list[dict]:
 def evaluate(model: Path, rows: list[dict], out: Path) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     (out / "rows.json").write_text(json.dumps(rows))
-    report = out / "report.json"
-    if not report.is_file():
-        subprocess.run([sys.executable, "-m", "train.evaluate", "--model-path", str(model), "--rows", str(out / "rows.json"),
-                        "--out-dir", str(out), "--no-progress", "--quantization", "none", "--max-new-tokens", "8"],
-                       check=True)
-    r = json.loads(report.read_text())
+    r = evaluate_rows(model, out / "rows.json", out, max_new_tokens=8)
     return {"overall": r["overall"], "n": r["n"], "by_axis": by_axis(rows, out / "answers.jsonl")}
 
 
@@ -142,9 +137,6 @@ def main(argv: list[str] | None = None) -> int:
     rows = training_rows(a.data, a.variant, a.seed)
     (a.out / "train.json").write_text(json.dumps(rows))
     if a.layers is not None:
-        from llava.assemble import assemble
-        from train.build_default import default_spec
-
         if not (a.out / "base" / "config.json").is_file():
             assemble(default_spec(a.layers), a.out / "base")
         start = dict(model=str(a.out / "base"), init_from=None)

@@ -348,12 +348,13 @@ def chat_check(model_dir: Path) -> list[dict]:
     return [{"prompt": q, "reply": a, "words": len(a.split())} for q, a in zip(CHAT_CHECK, answers)]
 
 
-def evaluate_rows(model_dir: Path, rows: Path, out_dir: Path) -> dict:
+def evaluate_rows(model_dir: Path, rows: Path, out_dir: Path, max_new_tokens: int = 64) -> dict:
     """train.evaluate --rows in a subprocess: per-family scores (report.json written to out_dir)."""
     report = out_dir / "report.json"
     if not report.is_file():
         subprocess.run([sys.executable, "-m", "train.evaluate", "--model-path", str(model_dir), "--rows", str(rows),
-                        "--out-dir", str(out_dir), "--no-progress", "--quantization", "none", "--max-new-tokens", "64"],
+                        "--out-dir", str(out_dir), "--no-progress", "--quantization", "none",
+                        "--max-new-tokens", str(max_new_tokens)],
                        check=True, capture_output=True, text=True)
     r = json.loads(report.read_text())
     return {k: r[k] for k in ("overall", "n", "missing", "seconds", "families", "kinds")}
