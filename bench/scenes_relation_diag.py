@@ -13,6 +13,9 @@ Variants (training rows: every one-image training scene of `--data` that has a r
 `--layers '[0, 6, -2]'` starts instead from a new base with those vision feature layers (a new projector, a new LoRA;
 no --init): hidden state 0 is DINOv2's patch embedding plus its position embedding, so each token then carries its
 own column and row; run it beside the same with the default '[6, -2]' to compare.
+`--pos2d zero|sincos` continues --init on a base whose projector is `mlp2x_gelu_pos2d` (llava/projector.py): the init's
+projector and adapter, plus a new trained embedding per grid cell added to the image tokens, starting at zero or at
+fixed 2-D sine/cosine codes (`--pos2d-rms`, default 0.1; the init's projected tokens have RMS ~0.24).
 
 Writes <out>/report.json: the run's steps, loss curve summary, and scores. A diagnostic, not part of the recipe.
 """
@@ -21,10 +24,14 @@ from __future__ import annotations
 import argparse
 import json
 import random
+import shutil
 import sys
 from pathlib import Path
 
+from safetensors.torch import load_file, save_file
+
 from llava.assemble import assemble
+from llava.projector import sincos_2d
 from train import scenes
 from train.build_default import default_spec, evaluate_rows
 from train.train import TrainConfig, run
@@ -116,6 +123,28 @@ def by_axis(rows: list[dict], answers: Path) -> dict:
     return {axis: {"score": round(sum(h) / len(h), 4), "n": len(h)} for axis, h in hits.items() if h}
 
 
+def pos2d_base(out: Path, init: Path) -> Path:
+    """The init's base model with a `_pos2d` projector (same encoder, layers and LLM)."""
+    if not (out / "config.json").is_file():
+        layers = json.loads((init / "hf" / "config.json").read_text())["vision_feature_layer"]
+        assemble(default_spec(layers, "mlp2x_gelu_pos2d"), out)
+    return out
+
+
+def pos2d_init(out: Path, init: Path, how: str, rms: float) -> Path:
+    """A stage folder to continue from: the init's adapter and projector plus the new position embedding."""
+    out.mkdir(parents=True, exist_ok=True)
+    state = load_file(init / "projector.safetensors")
+    width = state["model.multi_modal_projector.linear_2.weight"].shape[0]
+    grid = int(json.loads((init / "hf" / "config.json").read_text())["image_seq_length"] ** 0.5)  # CLS dropped
+    pos = sincos_2d(grid, width, rms) if how == "sincos" else sincos_2d(grid, width, 1.0) * 0
+    state["model.multi_modal_projector.position_embedding"] = pos.contiguous()
+    save_file(state, out / "projector.safetensors")
+    if (init / "adapter").is_dir() and not (out / "adapter").is_dir():
+        shutil.copytree(init / "adapter", out / "adapter")
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--data", type=Path, required=True, help="a scenes data folder (python -m train.scenes)")
@@ -131,6 +160,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-minutes", type=float, default=30)
     p.add_argument("--feature-cache", type=Path, default=None)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--pos2d", choices=["zero", "sincos"], help="add a trained 2-D position embedding (see above)")
+    p.add_argument("--pos2d-rms", type=float, default=0.1)
     a = p.parse_args(argv)
     a.data = a.data.resolve()  # rows name their images by absolute path
     a.out.mkdir(parents=True, exist_ok=True)
@@ -142,6 +173,8 @@ def main(argv: list[str] | None = None) -> int:
         start = dict(model=str(a.out / "base"), init_from=None)
     elif a.init is None:
         raise SystemExit("give --init (a stage to continue) or --layers (a new base)")
+    elif a.pos2d:
+        start = dict(model=str(pos2d_base(a.out / "base", a.init)), init_from=str(pos2d_init(a.out / "init", a.init, a.pos2d, a.pos2d_rms)))
     elif a.tune == "full":
         start = dict(model=str(a.init / "hf"), init_from=None)
     else:
@@ -156,7 +189,7 @@ def main(argv: list[str] | None = None) -> int:
     for r in test + para:
         r["image"] = str(a.data / r["image"])
     model = a.out / "stage" / "hf"
-    report = {"variant": a.variant, "tune": a.tune, "init": str(a.init) if a.init else None, "layers": a.layers, "lr": a.lr, "rows": len(rows),
+    report = {"variant": a.variant, "tune": a.tune, "pos2d": a.pos2d, "pos2d_rms": a.pos2d_rms if a.pos2d == "sincos" else None, "init": str(a.init) if a.init else None, "layers": a.layers, "lr": a.lr, "rows": len(rows),
               "questions": sum(len(r["conversations"]) // 2 for r in rows),
               "stage": {k: m.get(k) for k in ("global_step", "seconds_per_step", "final_loss", "train_seconds")},
               "relation_test": evaluate(model, test, a.out / "eval-test"),

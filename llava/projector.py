@@ -1,7 +1,11 @@
 """Projectors: the small trained bridge from vision features to LLM embeddings.
 
 Registry keyed by exact name: `identity`, `linear`, `mlp{N}x_gelu` (N >= 1 Linear layers with GELU between,
-as in LLaVA: Linear, then (GELU, Linear) x (N-1)). `mlp2x_gelu` is exactly transformers'
+as in LLaVA: Linear, then (GELU, Linear) x (N-1)), each optionally with the suffix `_pos2d`: a trained embedding per
+image token position (`position_embedding`, [image_seq_length, LLM width]: one per patch-grid cell, zero at init so
+adding it changes nothing) is added to
+the projected tokens. It gives every image token its row and column in its own content: the LLM otherwise reads the
+tokens as one sequence, row after row, and recovers a token's row from its place but hardly its column (issue 14). `mlp2x_gelu` is exactly transformers'
 `LlavaMultiModalProjector` (linear_1, act, linear_2), so checkpoints with it are plain `LlavaForConditionalGeneration`
 folders any engine loads. Other types need the smallest extension that can express them: `LlavaVariantConfig`
 (model_type `llava_variant`, one extra field `projector_type`) and `LlavaVariantForConditionalGeneration`, which only
@@ -12,6 +16,7 @@ from __future__ import annotations
 
 import re
 
+import torch
 from huggingface_hub.dataclasses import strict
 from torch import nn
 from transformers import AutoConfig, AutoModelForImageTextToText, LlavaConfig, LlavaForConditionalGeneration
@@ -19,6 +24,7 @@ from transformers.activations import ACT2FN
 
 STANDARD_PROJECTOR = "mlp2x_gelu"
 _MLP = re.compile(r"^mlp(\d+)x_gelu$")
+POS2D = "_pos2d"
 
 
 class ProjectorError(ValueError):
@@ -27,6 +33,7 @@ class ProjectorError(ValueError):
 
 def projector_depth(name: str) -> int:
     """Number of Linear layers of a projector type (0 for identity). Unknown names list the valid forms."""
+    name = name.removesuffix(POS2D)
     if name == "identity":
         return 0
     if name == "linear":
@@ -34,15 +41,28 @@ def projector_depth(name: str) -> int:
     m = _MLP.match(name)
     if m and int(m.group(1)) >= 1:
         return int(m.group(1))
-    raise ProjectorError(f"unknown projector type {name!r}; valid: 'identity', 'linear', 'mlp{{N}}x_gelu' (e.g. 'mlp2x_gelu')")
+    raise ProjectorError(f"unknown projector type {name!r}; valid: 'identity', 'linear', 'mlp{{N}}x_gelu' (e.g. 'mlp2x_gelu'), "
+                         f"each optionally ending in {POS2D!r}")
+
+
+def has_pos2d(name: str) -> bool:
+    """True for projector types that add a trained 2-D position embedding (`..._pos2d`)."""
+    return name.endswith(POS2D)
 
 
 class Projector(nn.Module):
-    """[B, T, in_dim] -> [B, T, out_dim]: Linear, then (act, Linear) x (depth-1); identity when depth is 0."""
+    """[B, T, in_dim] -> [B, T, out_dim]: Linear, then (act, Linear) x (depth-1); identity when depth is 0.
+    `_pos2d` types then add `position_embedding[t]` to token t (T must be `tokens`, one image's patch grid)."""
 
-    def __init__(self, name: str, in_dim: int, out_dim: int, bias: bool = True, act: str = "gelu"):
+    def __init__(self, name: str, in_dim: int, out_dim: int, bias: bool = True, act: str = "gelu",
+                 tokens: int | None = None):
         super().__init__()
         depth = projector_depth(name)
+        self.position_embedding = None
+        if has_pos2d(name):
+            if not tokens:
+                raise ProjectorError(f"projector {name!r} needs the number of tokens per image (image_seq_length)")
+            self.position_embedding = nn.Parameter(torch.zeros(tokens, out_dim))
         if depth == 0 and in_dim != out_dim:
             raise ProjectorError(f"identity projector needs equal widths, got vision {in_dim} vs LLM {out_dim}")
         self.depth = depth
@@ -56,7 +76,31 @@ class Projector(nn.Module):
             if i:
                 h = self.act(h)
             h = getattr(self, f"linear_{i + 1}")(h)
-        return h
+        pos = self.position_embedding
+        if pos is None:
+            return h
+        if h.shape[0] == 0:  # no images (a text-only training batch): still a (zero) gradient for the embedding
+            return h + 0 * pos.sum()
+        if h.shape[-2] != pos.shape[0]:
+            raise ProjectorError(f"this projector adds a position embedding for {pos.shape[0]} tokens per image but "
+                                 f"got {h.shape[-2]} (another image size or AnyRes tiles?)")
+        return h + pos.to(h.dtype)
+
+
+def sincos_2d(grid: int, dim: int, rms: float) -> torch.Tensor:
+    """[grid*grid, dim] fixed 2-D sine/cosine codes (half the width for the row, half for the column, as in MAE),
+    scaled to root-mean-square `rms`: a start for `position_embedding` that already tells every cell apart."""
+    quarter = dim // 4
+    freqs = 1.0 / (10000 ** (torch.arange(quarter, dtype=torch.float32) / max(quarter, 1)))
+    idx = torch.arange(grid, dtype=torch.float32)
+    ang = idx[:, None] * freqs[None]  # [grid, quarter]
+    code = torch.cat([ang.sin(), ang.cos()], dim=1)  # [grid, 2*quarter]
+    rows = code[:, None, :].expand(grid, grid, -1)
+    cols = code[None, :, :].expand(grid, grid, -1)
+    out = torch.zeros(grid, grid, dim)
+    out[..., : 4 * quarter] = torch.cat([rows, cols], dim=-1)
+    out = out.reshape(grid * grid, dim)
+    return out * (rms / out.pow(2).mean().sqrt())
 
 
 @strict
@@ -81,6 +125,7 @@ class LlavaVariantForConditionalGeneration(LlavaForConditionalGeneration):
             config.text_config.hidden_size,
             bias=config.multimodal_projector_bias,
             act=config.projector_hidden_act,
+            tokens=config.image_seq_length,
         )
         self.post_init()
 

@@ -10,7 +10,7 @@ from transformers import AutoModelForImageTextToText, LlavaForConditionalGenerat
 from llava.assemble import AssemblyError, assemble
 from llava.config import AssemblySpec
 from llava.loading import LoadError, load_model
-from llava.projector import LlavaVariantForConditionalGeneration, ProjectorError, projector_depth
+from llava.projector import LlavaVariantForConditionalGeneration, ProjectorError, projector_depth, sincos_2d
 from llava.testing import make_tiny_llava, make_tiny_llm_dir, make_tiny_vision_dir
 
 
@@ -62,6 +62,43 @@ def test_each_projector_round_trips_with_identical_logits(tmp_path, projector):
     assert torch.equal(before, _logits(lm))
 
 
+def test_pos2d_projector_adds_a_trained_embedding_per_token_position(tmp_path):
+    """`_pos2d`: zero at assembly (the MLP alone), then token t gets position_embedding[t]; saved and loaded with the
+    model; other token counts are refused by name; a text-only batch still gives the embedding a (zero) gradient."""
+    path = make_tiny_llava(tmp_path, projector="mlp2x_gelu_pos2d")
+    lm = load_model(str(path), dtype="float32")
+    assert type(lm.model) is LlavaVariantForConditionalGeneration
+    proj = lm.model.model.multi_modal_projector
+    tokens, width = proj.position_embedding.shape
+    assert tokens == lm.process_images([_image()])[0].num_tokens == 4
+    same = torch.randn(1, 1, proj.linear_1.in_features).expand(2, tokens, -1)  # one feature at every position
+    with torch.no_grad():
+        assert torch.equal(proj.position_embedding, torch.zeros(tokens, width))
+        flat = proj(same)
+        assert torch.allclose(flat, flat[:, :1].expand_as(flat))
+        proj.position_embedding.copy_(sincos_2d(2, width, 0.1))
+        moved = proj(same)
+    assert torch.allclose(moved - flat, sincos_2d(2, width, 0.1).expand(2, -1, -1), atol=1e-6)
+    assert len({tuple(r.tolist()) for r in moved[0].round(decimals=4)}) == tokens  # every position differs
+    assert not torch.allclose(_logits(lm), _logits(load_model(str(path), dtype="float32")))
+    lm.model.save_pretrained(tmp_path / "again")
+    again = AutoModelForImageTextToText.from_pretrained(tmp_path / "again")
+    assert torch.equal(again.model.multi_modal_projector.position_embedding, proj.position_embedding)
+    with pytest.raises(ProjectorError, match="4 tokens per image but got 5"):
+        proj(torch.randn(1, 5, proj.linear_1.in_features))
+    proj(torch.zeros(0, 1, proj.linear_1.in_features)).sum().backward()
+    assert proj.position_embedding.grad is not None and not proj.position_embedding.grad.any()
+
+
+def test_sincos_2d_codes_rows_and_columns_apart():
+    code = sincos_2d(8, 96, 0.25)
+    assert code.shape == (64, 96) and abs(code.pow(2).mean().sqrt().item() - 0.25) < 1e-5
+    grid = code.reshape(8, 8, 96)
+    assert torch.equal(grid[3, :, :48], grid[3, 0, :48].expand(8, -1))  # first half: the row only
+    assert torch.equal(grid[:, 5, 48:], grid[0, 5, 48:].expand(8, -1))  # second half: the column only
+    assert len({tuple(r.tolist()) for r in code.round(decimals=5)}) == 64
+
+
 def test_standard_checkpoint_is_a_plain_transformers_folder(tmp_path):
     path = make_tiny_llava(tmp_path)
     files = {p.name for p in path.iterdir()}
@@ -70,6 +107,12 @@ def test_standard_checkpoint_is_a_plain_transformers_folder(tmp_path):
     assert config["model_type"] == "llava" and config["llava"]["template"] == "chatml_direct"
     model = LlavaForConditionalGeneration.from_pretrained(path)  # no llava import needed for the standard type
     assert model.config.image_token_id == load_model(str(path)).tokenizer.image_token_id
+
+
+def test_unknown_projector_names_list_the_valid_forms():
+    with pytest.raises(ProjectorError, match="_pos2d"):
+        projector_depth("mlp2x_relu")
+    assert projector_depth("mlp3x_gelu_pos2d") == 3 and projector_depth("linear_pos2d") == 1
 
 
 def test_identity_projector_needs_equal_widths(tmp_path):

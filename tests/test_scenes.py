@@ -309,3 +309,20 @@ def test_relation_diagnostic_rows_follow_from_the_scenes(data):
                 rel = next(r for r, words in scenes.RELATIONS.items() if words[0] in q)
                 assert scenes.holds(a, rel, b, scenes.MARGIN * SIZE) == (answer == "yes")
     assert kinds["where"] > 50 and kinds["relation"] > 50
+
+
+def test_position_probe_reads_a_position_only_where_one_is_encoded():
+    """bench.scenes_position_probe's probe: tokens that carry their column read 'left/right' right, noise does not."""
+    from bench.scenes_position_probe import probe
+
+    rng = np.random.default_rng(0)
+    n, g, d = 120, 4, 6
+    centres = [[tuple(rng.uniform(0.05, 0.95, 2)) for _ in range(2)] for _ in range(n)]
+    noise = rng.normal(size=(n, g * g, d))
+    placed = noise.copy()
+    placed[:, :, 0] += np.tile(np.arange(g), g) * 8  # column code
+    placed[:, :, 1] += np.repeat(np.arange(g), g) * 8  # row code
+    got, none = probe(placed, centres, 90), probe(noise, centres, 90)
+    assert got["patch_column_exact"] > 0.95 and got["patch_row_exact"] > 0.95
+    assert got["object_half_x"] > 0.75 and got["object_half_y"] > 0.75
+    assert none["patch_column_exact"] < 0.6 and none["object_half_x"] < 0.7

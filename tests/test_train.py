@@ -147,6 +147,23 @@ def test_few_steps_of_each_stage_reduce_loss(tiny, tmp_path, stage, tune):
         assert (out / "adapter" / "adapter_model.safetensors").is_file()
 
 
+def test_plain_projector_continues_on_a_pos2d_base_and_trains_its_position_embedding(tiny, tmp_path, capsys):
+    """init_from a stage whose projector has no position embedding: it starts at zero (said so) and then trains."""
+    data = write_data(tmp_path, n=8)
+    run(cfg(tiny, data, tmp_path / "s1", stage="stage1", max_steps=2))
+    pos_base = make_tiny_llava(tmp_path / "pos", family="dinov2", projector="mlp2x_gelu_pos2d")
+    run(cfg(pos_base, data, tmp_path / "s2", stage="stage2", tune="lora", lora_r=4, lora_alpha=8, max_steps=4,
+            lr=1e-2, init_from=str(tmp_path / "s1"), export=True))
+    assert "position_embedding; it starts at zero" in capsys.readouterr().out
+    state = load_file(tmp_path / "s2" / "projector.safetensors")
+    first = load_file(tmp_path / "s1" / "projector.safetensors")
+    assert state["model.multi_modal_projector.position_embedding"].abs().sum() > 0
+    assert set(state) == set(first) | {"model.multi_modal_projector.position_embedding"}
+    exported = load_file(tmp_path / "s2" / "hf" / "model.safetensors")
+    assert torch.equal(exported["model.multi_modal_projector.position_embedding"],
+                       state["model.multi_modal_projector.position_embedding"])
+
+
 def test_stage1_rejects_llm_training(tiny, tmp_path):
     with pytest.raises(ConfigError):
         run(cfg(tiny, write_data(tmp_path, n=2), tmp_path / "o", stage="stage1", tune="lora"))

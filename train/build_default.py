@@ -56,10 +56,10 @@ CHAT_CHECK = ("What is the tallest mountain in the world?", "How do plants drink
               "Tell me something nice about dogs.", "What should I eat for breakfast?")  # none is in text_prompts.json
 
 
-def default_spec(layer) -> AssemblySpec:
+def default_spec(layer, projector: str = "mlp2x_gelu") -> AssemblySpec:
     return AssemblySpec(
         vision_encoder=SHIPPED_VISION, llm=SHIPPED_LLM, template="chatml_direct", vision_feature_layer=layer,
-        projector="mlp2x_gelu", image_mode="pad", image_size=112,
+        projector=projector, image_mode="pad", image_size=112,
     )
 
 
@@ -70,6 +70,10 @@ def parse_args(argv):
     p.add_argument("--name", default=None, help="run folder under runs/ (default: default | scenes)")
     p.add_argument("--runs", type=Path, default=Path("runs"))
     p.add_argument("--layer", type=json.loads, default=[6, -2], help="vision feature layer(s), JSON int or list")
+    p.add_argument("--projector", default="mlp2x_gelu",
+                   help="projector type (llava/projector.py); with --recipe scenes, the scenes stage's: "
+                        "mlp2x_gelu_pos2d adds a trained embedding per image-token position, starting at zero when "
+                        "the init's projector has none")
     p.add_argument("--stage1-rows", type=int, default=1200)
     p.add_argument("--stage1-lr", type=float, default=1e-3)
     p.add_argument("--stage2-rows", type=int, default=None, help="dialogues (default: all ~4,600)")
@@ -249,7 +253,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def build_easyvqa(args) -> int:
     root = args.runs / args.name
-    spec = default_spec(args.layer)
+    spec = default_spec(args.layer, args.projector)
     base = root / "base"
     if not (base / "config.json").is_file():
         assemble(spec, base)
@@ -388,7 +392,7 @@ def scenes_budget(args, elapsed: float) -> float | None:
 
 def build_scenes(args) -> int:
     root = args.runs / args.name
-    spec = default_spec(args.layer)
+    spec = default_spec(args.layer, args.projector)
     base = root / "base"
     t_start = time.perf_counter()
     if not (base / "config.json").is_file():

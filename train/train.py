@@ -141,6 +141,10 @@ def load_projector(llava, folder: str | Path) -> None:
         raise ConfigError(f"init_from={folder}: no projector.safetensors (is it a finished stage output?)")
     state = load_file(path)
     own = projector_state(llava)
+    new = {k for k in set(own) - set(state) if k.endswith(".position_embedding")}
+    if new:  # a plain projector continued on a `_pos2d` base: its position embedding starts at zero (a no-op)
+        print(f"init_from={folder}: no {sorted(new)[0]}; it starts at zero", flush=True)
+        state = {**state, **{k: torch.zeros_like(own[k]) for k in new}}
     if set(state) != set(own) or any(state[k].shape != own[k].shape for k in own):
         raise ConfigError(f"{path} does not fit this model's projector ({sorted(own)})")
     llava.load_state_dict(state, strict=False)
