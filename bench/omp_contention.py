@@ -3,9 +3,11 @@
     python -m bench.omp_contention [--out bench/results/omp_contention.json]
 
 Times a decode-shaped loop (one token through 30 matrix-vector products the size of SmolLM2-135M's MLP, 576 x 1536)
-in a fresh process per setting -- torch's default threads, OMP_WAIT_POLICY=PASSIVE, one thread -- once on an idle
-machine and once beside one busy process (a Python busy loop, as a training or test job would be). Each setting is
-measured in its own subprocess because OpenMP reads its environment once, when torch loads it.
+in a fresh process per setting -- torch's default threads, OMP_WAIT_POLICY=PASSIVE, one thread, and
+llava.hardware.ThreadGovernor (what `--num-threads auto` / `--cpu-threads auto` run: consulted before every token,
+as the engine does before every step, re-deciding every 0.5 s here) -- once on an idle machine and once beside one
+busy process (a Python busy loop, as a training or test job would be). Each setting is measured in its own
+subprocess because OpenMP reads its environment once, when torch loads it.
 """
 from __future__ import annotations
 
@@ -18,14 +20,19 @@ import time
 from pathlib import Path
 
 LOOP = r"""
-import time, torch
+import sys, time, torch
+from llava.hardware import ThreadGovernor
 torch.manual_seed(0)
 w = [torch.randn(576, 1536) for _ in range(30)]
 x = torch.randn(1, 576)
+governor = ThreadGovernor(interval=0.5) if sys.argv[1:] == ["auto"] else None
 def step():
+    if governor is not None:
+        governor.apply()
     for m in w:
         x @ m
-for _ in range(50):
+t0 = time.perf_counter()
+while time.perf_counter() - t0 < 1.5:  # warm up; the governor has decided by then
     step()
 best = float("inf")
 for _ in range(3):
@@ -37,7 +44,7 @@ print(best * 1e3, torch.get_num_threads())
 """
 
 SETTINGS = {"default threads": {}, "OMP_WAIT_POLICY=PASSIVE": {"OMP_WAIT_POLICY": "PASSIVE"},
-            "1 thread": {"OMP_NUM_THREADS": "1"}}
+            "1 thread": {"OMP_NUM_THREADS": "1"}, "auto (ThreadGovernor)": {"__auto__": "1"}}
 
 
 def cpu_flags() -> str:
@@ -48,8 +55,10 @@ def cpu_flags() -> str:
 
 def measure(extra_env: dict[str, str]) -> dict:
     env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "OMP_WAIT_POLICY")}
-    out = subprocess.run([sys.executable, "-c", LOOP], env={**env, **extra_env}, capture_output=True, text=True,
-                         check=True).stdout.split()
+    extra_env = dict(extra_env)
+    auto = extra_env.pop("__auto__", None) is not None
+    out = subprocess.run([sys.executable, "-c", LOOP] + (["auto"] if auto else []), env={**env, **extra_env},
+                         capture_output=True, text=True, check=True).stdout.split()
     return {"ms_per_token_loop": round(float(out[0]), 2), "threads": int(out[1])}
 
 

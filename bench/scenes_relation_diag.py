@@ -16,6 +16,8 @@ own column and row; run it beside the same with the default '[6, -2]' to compare
 `--pos2d zero|sincos` continues --init on a base whose projector is `mlp2x_gelu_pos2d` (llava/projector.py): the init's
 projector and adapter, plus a new trained embedding per grid cell added to the image tokens, starting at zero or at
 fixed 2-D sine/cosine codes (`--pos2d-rms`, default 0.1; the init's projected tokens have RMS ~0.24).
+`--view transposed|both` shows the model the transposed image (so it reads the picture column by column) or the image
+and its transpose as two `<image>`s, questions and answers unchanged (about the original image).
 
 Writes <out>/report.json: the run's steps, loss curve summary, and scores. A diagnostic, not part of the recipe.
 """
@@ -28,6 +30,7 @@ import shutil
 import sys
 from pathlib import Path
 
+from PIL import Image
 from safetensors.torch import load_file, save_file
 
 from llava.assemble import assemble
@@ -68,14 +71,48 @@ def relation_questions(rng: random.Random, scene: scenes.Scene, k: int, paraphra
     return out
 
 
-def turns(pairs: list[tuple[str, str]]) -> list[dict]:
+def turns(pairs: list[tuple[str, str]], images: int = 1) -> list[dict]:
     conv = []
     for i, (q, a) in enumerate(pairs):
-        conv += [{"from": "human", "value": scenes.human(q, int(i == 0), True)}, {"from": "gpt", "value": a}]
+        conv += [{"from": "human", "value": scenes.human(q, images if i == 0 else 0, True)}, {"from": "gpt", "value": a}]
     return conv
 
 
-def training_rows(data: Path, variant: str, seed: int) -> list[dict]:
+class Views:
+    """What the model is shown of a scene image: the image itself, its transpose (rows become columns: the LLM then
+    reads the image column after column), or both (two `<image>`s, the original first). Transposed copies are
+    written once under `root`; questions and answers stay about the original image."""
+
+    def __init__(self, data: Path, view: str, root: Path):
+        self.data, self.view, self.root = data, view, root
+
+    @property
+    def count(self) -> int:
+        return 2 if self.view == "both" else 1
+
+    def transposed(self, rel: str) -> str:
+        out = self.root / rel
+        if not out.is_file():
+            out.parent.mkdir(parents=True, exist_ok=True)
+            with Image.open(self.data / rel) as im:
+                im.transpose(Image.Transpose.TRANSPOSE).save(out)
+        return str(out)
+
+    def image(self, rel: str) -> str | list[str]:
+        if self.view == "original":
+            return str(self.data / rel)
+        if self.view == "transposed":
+            return self.transposed(rel)
+        return [str(self.data / rel), self.transposed(rel)]
+
+    def row(self, row: dict) -> dict:
+        """A test row of the generator shown this way."""
+        conv = [dict(t) for t in row["conversations"]]
+        conv[0]["value"] = "<image>\n" * (self.count - 1) + conv[0]["value"]
+        return {**row, "image": self.image(row["image"]), "conversations": conv}
+
+
+def training_rows(data: Path, variant: str, seed: int, views: Views) -> list[dict]:
     described = json.loads((data / "scenes-train.json").read_text())
     rows = []
     for image, d in sorted(described.items()):
@@ -89,17 +126,17 @@ def training_rows(data: Path, variant: str, seed: int) -> list[dict]:
         if variant == "relation+where":
             pairs += where_questions(rng, scene, 4)
             rng.shuffle(pairs)
-        rows.append({"id": f"diag-{image}", "image": str(data / image), "conversations": turns(pairs)})
+        rows.append({"id": f"diag-{image}", "image": views.image(image), "conversations": turns(pairs, views.count)})
     return rows
 
 
-def where_test_rows(data: Path, seed: int) -> list[dict]:
+def where_test_rows(data: Path, seed: int, views: Views) -> list[dict]:
     described = json.loads((data / "scenes-test.json").read_text())
     rows = []
     for image, d in sorted(described.items()):
         rng = random.Random(f"diag:{seed}:test:{image}")
         for i, (q, a) in enumerate(where_questions(rng, scenes.scene_from_dict(d), 1)):
-            rows.append({"id": f"where-{image}-{i}", "image": str(data / image), "conversations": turns([(q, a)]),
+            rows.append({"id": f"where-{image}-{i}", "image": views.image(image), "conversations": turns([(q, a)], views.count),
                          "family": "where", "kind": "where"})
     return rows
 
@@ -162,10 +199,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--pos2d", choices=["zero", "sincos"], help="add a trained 2-D position embedding (see above)")
     p.add_argument("--pos2d-rms", type=float, default=0.1)
+    p.add_argument("--view", choices=["original", "transposed", "both"], default="original",
+                   help="show the image, its transpose, or both (see Views)")
     a = p.parse_args(argv)
     a.data = a.data.resolve()  # rows name their images by absolute path
     a.out.mkdir(parents=True, exist_ok=True)
-    rows = training_rows(a.data, a.variant, a.seed)
+    views = Views(a.data, a.view, (a.out / "transposed").resolve())  # rows name images by absolute path
+    rows = training_rows(a.data, a.variant, a.seed, views)
     (a.out / "train.json").write_text(json.dumps(rows))
     if a.layers is not None:
         if not (a.out / "base" / "config.json").is_file():
@@ -184,17 +224,15 @@ def main(argv: list[str] | None = None) -> int:
                         lora_r=a.lora_r, lora_alpha=2 * a.lora_r, export=True, max_minutes=a.max_minutes,
                         batch_size=8, logging_steps=5, save_steps=10_000,
                         feature_cache_dir=str(a.feature_cache) if a.feature_cache else None, **start))
-    test = [r for r in json.loads((a.data / "test.json").read_text()) if r["family"] == "relation"]
-    para = [r for r in json.loads((a.data / "paraphrase_test.json").read_text()) if r["family"] == "relation"]
-    for r in test + para:
-        r["image"] = str(a.data / r["image"])
+    test = [views.row(r) for r in json.loads((a.data / "test.json").read_text()) if r["family"] == "relation"]
+    para = [views.row(r) for r in json.loads((a.data / "paraphrase_test.json").read_text()) if r["family"] == "relation"]
     model = a.out / "stage" / "hf"
-    report = {"variant": a.variant, "tune": a.tune, "pos2d": a.pos2d, "pos2d_rms": a.pos2d_rms if a.pos2d == "sincos" else None, "init": str(a.init) if a.init else None, "layers": a.layers, "lr": a.lr, "rows": len(rows),
+    report = {"variant": a.variant, "view": a.view, "tune": a.tune, "pos2d": a.pos2d, "pos2d_rms": a.pos2d_rms if a.pos2d == "sincos" else None, "init": str(a.init) if a.init else None, "layers": a.layers, "lr": a.lr, "rows": len(rows),
               "questions": sum(len(r["conversations"]) // 2 for r in rows),
               "stage": {k: m.get(k) for k in ("global_step", "seconds_per_step", "final_loss", "train_seconds")},
               "relation_test": evaluate(model, test, a.out / "eval-test"),
               "relation_paraphrase": evaluate(model, para, a.out / "eval-para"),
-              "where_test": evaluate(model, where_test_rows(a.data, a.seed), a.out / "eval-where")}
+              "where_test": evaluate(model, where_test_rows(a.data, a.seed, views), a.out / "eval-where")}
     (a.out / "report.json").write_text(json.dumps(report, indent=1) + "\n")
     print(json.dumps(report))
     return 0

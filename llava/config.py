@@ -95,6 +95,7 @@ class EngineConfig:
     min_prefix_tokens: int = 16  # shortest shared prefix worth reusing
     max_prefill_tokens_per_step: int = 512  # prompt positions computed between two decode steps
     runner: str = "auto"  # auto | llama | transformers
+    cpu_threads: str = "fixed"  # fixed (torch's setting) | auto (llava.hardware.ThreadGovernor, re-decided as load changes)
 
     def __post_init__(self):
         for f in ("max_batch_size", "max_cached_tokens", "max_prefill_tokens_per_step"):
@@ -103,5 +104,7 @@ class EngineConfig:
         for f in ("image_cache_bytes", "prefix_cache_tokens", "min_prefix_tokens"):
             if getattr(self, f) < 0:
                 raise ValueError(f"{f} must be >= 0, got {getattr(self, f)}")
+        if self.cpu_threads not in ("fixed", "auto"):
+            raise ValueError(f"cpu_threads must be fixed or auto, got {self.cpu_threads!r}")
         if self.runner not in RUNNERS:
             raise ValueError(f"runner must be one of {', '.join(RUNNERS)}, got {self.runner!r}")

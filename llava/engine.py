@@ -35,6 +35,7 @@ from dataclasses import dataclass, field, fields, replace
 import torch
 
 from llava.config import RUNNERS, EngineConfig
+from llava.hardware import ThreadGovernor
 from llava.hf_runner import TransformersRunner
 from llava.images import ProcessedImage, ProcessedVideo
 from llava.kvcache import ImageFeatureCache, ImageRun, PrefixCache, common_prefix, images_agree
@@ -135,6 +136,7 @@ class Engine:
         self._shut_down = False
         self._counts = {"completed": 0, "cancelled": 0, "failed": 0, "generated_tokens": 0}
         self._adapters: dict = {}  # name -> LoraAdapter, requests may name them (any thread, under _lock)
+        self._threads = ThreadGovernor() if self.config.cpu_threads == "auto" and self.device.type == "cpu" else None
 
     def _bind_model(self, model, context_length: int | None) -> None:
         text_config = model.config.get_text_config(decoder=True)
@@ -404,6 +406,8 @@ class Engine:
 
     @torch.inference_mode()
     def _step(self) -> bool:
+        if self._threads is not None:  # in the thread that runs the model: OpenMP's count is per calling thread
+            self._threads.apply()
         self._drop_cancelled()
         self._sync_adapters()
         admitted = self._admit()

@@ -9,13 +9,17 @@ Promises:
 - `resolve_autocast("auto", device)` is the same decision for training's mixed precision: on a CPU without native
   bf16, autocast to bf16 made a LoRA step 24x slower (63 s vs 2.6 s, AVX2 EPYC), so `auto` turns it off there.
 - `Choice` carries the value and a one-line reason for logs, benchmarks and the model card.
+- `ThreadGovernor` (`--num-threads auto`) gives torch the CPUs other processes leave free, re-decided every few
+  seconds.
 """
 
 from __future__ import annotations
 
 import functools
 import logging
+import os
 import platform
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -116,3 +120,74 @@ def resolve_autocast(setting: str | bool | None, device: str | torch.device = "c
     choice = resolve_dtype("auto", device)
     on = choice.value == torch.bfloat16
     return Choice(on, ("bf16 autocast: " if on else "no bf16 autocast: ") + choice.reason)
+
+
+def _proc_stat_cpu() -> tuple[int, int, int] | None:
+    """(busy, total) clock ticks of all CPUs since boot, and how many CPUs /proc/stat lists; None off Linux."""
+    try:
+        lines = Path("/proc/stat").read_text().splitlines()
+    except OSError:
+        return None
+    fields = [int(v) for v in lines[0].split()[1:]]
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
+    return sum(fields) - idle, sum(fields), sum(1 for ln in lines[1:] if ln.startswith("cpu"))
+
+
+def _own_ticks() -> int:
+    """This process's user + system CPU time in clock ticks (all its threads)."""
+    t = os.times()
+    return round((t.user + t.system) * os.sysconf("SC_CLK_TCK"))
+
+
+class ThreadGovernor:
+    """`--num-threads auto`: torch's CPU threads = the CPUs this process may use minus the CPUs other processes keep
+    busy, re-decided at most every `interval` seconds from /proc/stat and this process's own CPU time.
+
+    Why: on 2 cores a decode-shaped loop took 4.2 ms with torch's 2 threads and 8.1 ms with 1 on an idle machine,
+    but 24.3 ms with 2 and 8.9 ms with 1 beside one busy process (a training or test job): the 2 OpenMP threads
+    spin-wait against it (bench/results/omp_contention.json), so no fixed setting is right for both.
+    Call `apply()` from the thread that runs the model (OpenMP's thread count is per calling thread). It does
+    nothing where /proc/stat is missing or lists more CPUs than this process may use (a container's view of its host).
+    """
+
+    def __init__(self, interval: float = 2.0, cpus: int | None = None, read=_proc_stat_cpu, own=_own_ticks,
+                 clock=time.monotonic):
+        if cpus is None:
+            cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        self.cpus = cpus
+        self.interval, self._read, self._own, self._clock = interval, read, own, clock
+        self._last: tuple[float, int, int, int] | None = None
+        self.others = 0.0  # CPUs other processes kept busy over the last interval
+        self.enabled = True
+
+    def threads(self) -> int | None:
+        """The thread count for now, or None when there is nothing new to decide (or no way to measure)."""
+        if not self.enabled:
+            return None
+        now = self._clock()
+        if self._last is not None and now - self._last[0] < self.interval:
+            return None
+        stat = self._read()
+        if stat is None or stat[2] > self.cpus:
+            self.enabled = False
+            logger.info("--num-threads auto: /proc/stat %s; keeping torch's %d threads",
+                        "is missing" if stat is None else f"lists {stat[2]} CPUs but this process may use {self.cpus}",
+                        torch.get_num_threads())
+            return None
+        busy, total, ncpu = stat
+        own = self._own()
+        last, self._last = self._last, (now, busy, total, own)
+        if last is None or total <= last[2]:
+            return None
+        per_cpu = (total - last[2]) / ncpu  # ticks one CPU had in the interval
+        self.others = max(0.0, ((busy - last[1]) - (own - last[3])) / per_cpu)
+        return max(1, min(self.cpus, self.cpus - round(self.others)))
+
+    def apply(self) -> int:
+        """Set torch's threads if the decision changed; returns the count in force."""
+        n = self.threads()
+        if n is not None and n != torch.get_num_threads():
+            logger.info("--num-threads auto: %d thread(s) (other processes keep %.1f of %d CPUs busy)", n,
+                        self.others, self.cpus)
+            torch.set_num_threads(n)
+        return torch.get_num_threads()

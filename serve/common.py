@@ -392,6 +392,8 @@ ENGINE_HELP = {
     "max_prefill_tokens_per_step": "prompt positions computed between two decode steps (bounds running streams' "
                                    "inter-token latency; longer prompts are prefilled in chunks)",
     "runner": "LLM forward: auto | llama (the engine's own) | transformers",
+    "cpu_threads": "fixed: torch's CPU threads as the process set them; auto: the CPUs other processes leave free, "
+                   "re-decided every 2 s (beside a training job on 2 cores: 1 thread, else 2)",
 }
 
 

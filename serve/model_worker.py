@@ -367,8 +367,10 @@ def create_app(config: WorkerConfig, serving: ServingModel | None = None) -> Fas
 
 def build_parser() -> argparse.ArgumentParser:
     p = server_parser("LLaVA model worker", 21002, WorkerConfig)
-    p.add_argument("--num-threads", type=int, default=None,
-                   help="torch CPU threads (default: torch's choice); use 1-2 per worker when several share a host")
+    p.add_argument("--num-threads", type=parse_threads, default=None,
+                   help="torch CPU threads (default: torch's choice), or auto (the same as --cpu-threads auto: the "
+                        "CPUs other processes leave free, re-decided as load changes); use 1-2 per worker when "
+                        "several share a host")
     add_config_args(p.add_argument_group("loading", "how the checkpoint is loaded (llava.config.LoadOptions)"),
                     LoadOptions)
     add_config_args(p.add_argument_group("images", "limits on each request's images"), ImageLimits)
@@ -378,6 +380,18 @@ def build_parser() -> argparse.ArgumentParser:
     add_precision_args(p)
     add_engine_args(p)
     return p
+
+
+def parse_threads(value: str) -> int | str:
+    if value == "auto":
+        return value
+    try:
+        n = int(value)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"--num-threads must be a positive integer or auto, got {value!r}")
+    return n
 
 
 def worker_config_from_args(args: argparse.Namespace) -> WorkerConfig:
@@ -402,7 +416,9 @@ def create_upstream_worker_app(config: WorkerConfig) -> FastAPI:
 
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
-    if args.num_threads:
+    if args.num_threads == "auto":
+        args.engine_cpu_threads = "auto"
+    elif args.num_threads:
         torch.set_num_threads(args.num_threads)
     logging.getLogger("httpx").setLevel(logging.WARNING)
     config = worker_config_from_args(args)

@@ -697,3 +697,73 @@ def test_top_k_top_p_and_repetition_penalty_restrict_choices():
     assert penalised.tolist() == [1.0, -2.0, 3.0]
     greedy = RowSampler(SamplingParams(repetition_penalty=4.0), None, seen={0})
     assert greedy.choose(logits.clone()) == 1  # the seen top token lost its lead
+
+
+# ----------------------------------------------------------------------------------------------- CPU threads
+
+
+class _FakeCpu:
+    """Clock, /proc/stat and own CPU time the test moves by hand (ticks: 100 per CPU-second)."""
+
+    def __init__(self, ncpu=2):
+        self.t, self.busy, self.total, self.own, self.ncpu = 0.0, 0, 0, 0, ncpu
+
+    def run(self, seconds, others, own):
+        self.t += seconds
+        self.total += round(100 * seconds * self.ncpu)
+        self.busy += round(100 * seconds * (others + own))
+        self.own += round(100 * seconds * own)
+
+    def governor(self, cpus=2):
+        from llava.hardware import ThreadGovernor
+
+        return ThreadGovernor(interval=2.0, cpus=cpus, read=lambda: (self.busy, self.total, self.ncpu),
+                              own=lambda: self.own, clock=lambda: self.t)
+
+
+def test_thread_governor_leaves_the_cpus_other_processes_use():
+    cpu = _FakeCpu()
+    g = cpu.governor()
+    assert g.threads() is None  # the first reading is only a baseline
+    cpu.run(1.0, others=1.0, own=1.0)
+    assert g.threads() is None  # not yet an interval later
+    cpu.run(1.5, others=1.0, own=1.0)
+    assert g.threads() == 1 and g.others == pytest.approx(1.0)  # one busy process: one thread
+    cpu.run(2.0, others=0.0, own=1.0)
+    assert g.threads() == 2  # its own busy time is not counted against it
+    cpu.run(2.0, others=2.0, own=0.0)
+    assert g.threads() == 1  # never fewer than one
+    cpu.run(2.0, others=0.0, own=2.0)
+    assert g.threads() == 2
+
+
+def test_thread_governor_stands_aside_where_it_cannot_measure():
+    cpu = _FakeCpu(ncpu=64)  # a container seeing its host's CPUs through /proc/stat
+    g = cpu.governor(cpus=2)
+    assert g.threads() is None and not g.enabled
+    cpu.run(2.0, others=30.0, own=1.0)
+    assert g.threads() is None
+
+
+def test_engine_with_auto_cpu_threads_sets_torch_threads_in_its_own_thread(model, tok):
+    """cpu_threads="auto": the engine thread applies the governor's choice before its steps; output unchanged."""
+    from llava.config import EngineConfig
+
+    with pytest.raises(ValueError, match="cpu_threads must be fixed or auto"):
+        EngineConfig(cpu_threads="all")
+    cpu = _FakeCpu()
+    eng = _engine(model, tok, cpu_threads="auto")
+    eng._threads = cpu.governor()
+    seen = []
+    real_apply = eng._threads.apply
+    eng._threads.apply = lambda: seen.append((threading.current_thread().name, real_apply()))
+    assert eng._threads.threads() is None  # the baseline reading
+    cpu.run(2.0, others=0.0, own=1.0)  # then an idle machine: the engine's first step decides
+    ids = _prompt(tok, "what is this", 1)
+    req = GenerationRequest(ids, [_image(1)], _greedy(8))
+    with eng:
+        got = eng.submit(req).result(timeout=60).token_ids
+    assert seen and all(name == "llava-engine" for name, _ in seen)
+    assert 2 in {n for _, n in seen}  # idle machine: both CPUs
+    torch.set_num_threads(1)
+    assert got == _solo(model, tok, req).token_ids

@@ -288,7 +288,7 @@ def test_relation_diagnostic_rows_follow_from_the_scenes(data):
     from bench import scenes_relation_diag as diag
 
     described = load(data, "scenes-train.json")
-    rows = diag.training_rows(data, "relation+where", seed=1)
+    rows = diag.training_rows(data, "relation+where", seed=1, views=diag.Views(data, "original", data / "unused"))
     assert rows and all(Path(r["image"]).is_file() for r in rows)
     kinds = Counter()
     for row in rows:
@@ -309,6 +309,21 @@ def test_relation_diagnostic_rows_follow_from_the_scenes(data):
                 rel = next(r for r, words in scenes.RELATIONS.items() if words[0] in q)
                 assert scenes.holds(a, rel, b, scenes.MARGIN * SIZE) == (answer == "yes")
     assert kinds["where"] > 50 and kinds["relation"] > 50
+
+
+def test_relation_diagnostic_views_show_the_transposed_image(data, tmp_path):
+    """--view both: every row shows the image and its transpose (two <image>s); questions stay about the original."""
+    from bench import scenes_relation_diag as diag
+
+    views = diag.Views(data, "both", tmp_path / "t")
+    row = diag.training_rows(data, "relation", seed=1, views=views)[0]
+    original, transposed = (np.asarray(Image.open(p)) for p in row["image"])
+    assert np.array_equal(transposed, original.transpose(1, 0, 2))
+    assert row["conversations"][0]["value"].startswith("<image>\n<image>\n")
+    assert not row["conversations"][2]["value"].startswith("<image>")
+    test = next(r for r in json.loads((data / "test.json").read_text()) if isinstance(r["image"], str))
+    shown = diag.Views(data, "transposed", tmp_path / "t").row(test)
+    assert shown["image"] == str(tmp_path / "t" / test["image"]) and shown["conversations"] == test["conversations"]
 
 
 def test_position_probe_reads_a_position_only_where_one_is_encoded():
