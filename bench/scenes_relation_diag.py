@@ -169,13 +169,14 @@ def pos2d_base(out: Path, init: Path) -> Path:
 
 
 def pos2d_init(out: Path, init: Path, how: str, rms: float) -> Path:
-    """A stage folder to continue from: the init's adapter and projector plus the new position embedding."""
+    """A stage folder to continue from: the init's adapter and projector, plus the position embedding's start for
+    `sincos` (for `zero` the training run starts it at zero itself: train.train.load_projector)."""
     out.mkdir(parents=True, exist_ok=True)
     state = load_file(init / "projector.safetensors")
-    width = state["model.multi_modal_projector.linear_2.weight"].shape[0]
-    grid = int(json.loads((init / "hf" / "config.json").read_text())["image_seq_length"] ** 0.5)  # CLS dropped
-    pos = sincos_2d(grid, width, rms) if how == "sincos" else sincos_2d(grid, width, 1.0) * 0
-    state["model.multi_modal_projector.position_embedding"] = pos.contiguous()
+    if how == "sincos":
+        width = state["model.multi_modal_projector.linear_2.weight"].shape[0]
+        grid = int(json.loads((init / "hf" / "config.json").read_text())["image_seq_length"] ** 0.5)  # CLS dropped
+        state["model.multi_modal_projector.position_embedding"] = sincos_2d(grid, width, rms).contiguous()
     save_file(state, out / "projector.safetensors")
     if (init / "adapter").is_dir() and not (out / "adapter").is_dir():
         shutil.copytree(init / "adapter", out / "adapter")
