@@ -8,6 +8,13 @@ llava.hardware.ThreadGovernor (what `--num-threads auto` / `--cpu-threads auto` 
 as the engine does before every step, re-deciding every 0.5 s here) -- once on an idle machine and once beside one
 busy process (a Python busy loop, as a training or test job would be). Each setting is measured in its own
 subprocess because OpenMP reads its environment once, when torch loads it.
+
+    python -m bench.omp_contention --engine [--quick] [--out ...]
+
+measures the same settings end to end instead: single-stream decode tokens/s of one image question through
+llava.engine.Engine (what a worker runs) on the embedded default model at the worker's `--dtype auto
+--quantization auto` (`--quick`: bench.engine's small random model), 64 new tokens, best of 3 after 3 s of warm-up,
+with `OMP_NUM_THREADS=1` or `cpu_threads="auto"` as `--num-threads 1` / `--num-threads auto` set them.
 """
 from __future__ import annotations
 
@@ -43,6 +50,32 @@ for _ in range(3):
 print(best * 1e3, torch.get_num_threads())
 """
 
+ENGINE = r"""
+import sys, time
+from bench.engine import default_setup, fixed_length, no_cache_engine, one_image_request, quick_setup
+from llava.engine import GenerationRequest
+mode, quick = sys.argv[1], sys.argv[2] == "quick"
+setup = quick_setup() if quick else default_setup()
+engine = no_cache_engine(setup, max_batch_size=1, cpu_threads="auto" if mode == "auto" else "fixed").start()
+n, best, r = 64, float("inf"), 0
+def decode(r):
+    ids, images = one_image_request(setup, r, n)
+    stamps = [time.perf_counter() for ev in engine.submit(GenerationRequest(ids, images, fixed_length(n)))
+              if ev.token_id is not None]
+    return (stamps[-1] - stamps[0]) / (len(stamps) - 1)
+try:
+    t0 = time.perf_counter()
+    while time.perf_counter() - t0 < 3 or r < 1:  # warm up; the governor (2 s interval) has decided by then
+        decode(r)
+        r += 1
+    for _ in range(3):
+        r += 1
+        best = min(best, decode(r))
+    print(1 / best, engine.stats().cpu_threads)
+finally:
+    engine.shutdown()
+"""
+
 SETTINGS = {"default threads": {}, "OMP_WAIT_POLICY=PASSIVE": {"OMP_WAIT_POLICY": "PASSIVE"},
             "1 thread": {"OMP_NUM_THREADS": "1"}, "auto (ThreadGovernor)": {"__auto__": "1"}}
 
@@ -53,27 +86,43 @@ def cpu_flags() -> str:
     return f"{cpu_info().summary()}, {os.cpu_count()} logical CPUs"
 
 
-def measure(extra_env: dict[str, str]) -> dict:
+def measure(extra_env: dict[str, str], engine: str | None = None) -> dict:
+    """One setting in a fresh process: the loop's ms per token, or (engine = "default" | "quick") decode tokens/s."""
     env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "OMP_WAIT_POLICY")}
     extra_env = dict(extra_env)
     auto = extra_env.pop("__auto__", None) is not None
-    out = subprocess.run([sys.executable, "-c", LOOP] + (["auto"] if auto else []), env={**env, **extra_env},
-                         capture_output=True, text=True, check=True).stdout.split()
+    if engine:
+        args = ["-c", ENGINE, "auto" if auto else "fixed", engine]
+    else:
+        args = ["-c", LOOP] + (["auto"] if auto else [])
+    done = subprocess.run([sys.executable, *args], env={**env, **extra_env}, capture_output=True, text=True,
+                          cwd=Path(__file__).resolve().parent.parent)
+    if done.returncode:
+        raise SystemExit(f"bench.omp_contention: the measuring process failed:\n{done.stderr[-2000:]}")
+    out = done.stdout.split()
+    if engine:
+        return {"decode_tok_s": round(float(out[-2]), 1), "threads": int(out[-1])}
     return {"ms_per_token_loop": round(float(out[0]), 2), "threads": int(out[1])}
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--out", type=Path)
+    p.add_argument("--engine", action="store_true", help="decode tokens/s through llava.engine instead of the loop")
+    p.add_argument("--quick", action="store_true", help="--engine: the small random model, not the default")
     a = p.parse_args(argv)
-    result = {"cpu": cpu_flags(), "date": time.strftime("%Y-%m-%d"), "idle": {}, "beside one busy process": {}}
-    for name, env in SETTINGS.items():
-        result["idle"][name] = measure(env)
+    engine = ("quick" if a.quick else "default") if a.engine else None
+    settings = {k: v for k, v in SETTINGS.items() if not (engine and "OMP_WAIT_POLICY" in v)}
+    result = {"cpu": cpu_flags(), "date": time.strftime("%Y-%m-%d"),
+              "measure": f"engine decode tokens/s, {engine} model" if engine else "ms per decode-shaped loop",
+              "idle": {}, "beside one busy process": {}}
+    for name, env in settings.items():
+        result["idle"][name] = measure(env, engine)
     busy = subprocess.Popen([sys.executable, "-c", "while True: pass"])
     try:
         time.sleep(1)
-        for name, env in SETTINGS.items():
-            result["beside one busy process"][name] = measure(env)
+        for name, env in settings.items():
+            result["beside one busy process"][name] = measure(env, engine)
     finally:
         busy.kill()
         busy.wait()

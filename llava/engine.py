@@ -137,6 +137,7 @@ class Engine:
         self._counts = {"completed": 0, "cancelled": 0, "failed": 0, "generated_tokens": 0}
         self._adapters: dict = {}  # name -> LoraAdapter, requests may name them (any thread, under _lock)
         self._threads = ThreadGovernor() if self.config.cpu_threads == "auto" and self.device.type == "cpu" else None
+        self._cpu_threads: int | None = None  # torch threads of the last step (set where the model runs)
 
     def _bind_model(self, model, context_length: int | None) -> None:
         text_config = model.config.get_text_config(decoder=True)
@@ -293,6 +294,7 @@ class Engine:
                 tokens=pc.num_tokens, reused_tokens=pc.reused_tokens,
             ),
             runner=self.runner_name,
+            cpu_threads=self._cpu_threads if self.device.type == "cpu" else None,
             **self._counts,
         )
 
@@ -406,8 +408,8 @@ class Engine:
 
     @torch.inference_mode()
     def _step(self) -> bool:
-        if self._threads is not None:  # in the thread that runs the model: OpenMP's count is per calling thread
-            self._threads.apply()
+        # in the thread that runs the model: OpenMP's thread count is per calling thread
+        self._cpu_threads = self._threads.apply() if self._threads is not None else torch.get_num_threads()
         self._drop_cancelled()
         self._sync_adapters()
         admitted = self._admit()

@@ -262,6 +262,7 @@ class EngineStats:
     image_cache: CacheStats
     prefix_cache: CacheStats
     runner: str = ""  # which forward computes the LLM ("llama" or "transformers") and why
+    cpu_threads: int | None = None  # torch CPU threads of the last step (--num-threads auto: its last decision)
 
 
 # ------------------------------------------------------------------------------------------------- validation

@@ -137,6 +137,9 @@ class WorkerMetrics:
         self.queue_length = Gauge("llava_worker_queue_length", "requests accepted and not finished", registry=r)
         self.engine_queued = Gauge("llava_worker_engine_queued", "requests waiting for a batch slot", registry=r)
         self.ttft = Histogram("llava_worker_time_to_first_token_seconds", "time to first token", registry=r)
+        self.cpu_threads = Gauge("llava_worker_cpu_threads", "torch CPU threads of the engine's last step "
+                                 "(--num-threads auto: its current choice; 0 on a GPU or before the first step)",
+                                 registry=r)
 
 
 @dataclass
@@ -359,6 +362,7 @@ def create_app(config: WorkerConfig, serving: ServingModel | None = None) -> Fas
     async def metrics(request: Request):
         s = st(request)
         s.metrics.engine_queued.set(s.serving.engine.queue_length)
+        s.metrics.cpu_threads.set(s.serving.engine.stats().cpu_threads or 0)
         s.metrics.queue_length.set(s.in_flight)
         return Response(generate_latest(s.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 

@@ -756,7 +756,12 @@ def test_engine_with_auto_cpu_threads_sets_torch_threads_in_its_own_thread(model
     eng._threads = cpu.governor()
     seen = []
     real_apply = eng._threads.apply
-    eng._threads.apply = lambda: seen.append((threading.current_thread().name, real_apply()))
+
+    def apply():
+        seen.append((threading.current_thread().name, real_apply()))
+        return seen[-1][1]
+
+    eng._threads.apply = apply
     assert eng._threads.threads() is None  # the baseline reading
     cpu.run(2.0, others=0.0, own=1.0)  # then an idle machine: the engine's first step decides
     ids = _prompt(tok, "what is this", 1)
@@ -765,5 +770,6 @@ def test_engine_with_auto_cpu_threads_sets_torch_threads_in_its_own_thread(model
         got = eng.submit(req).result(timeout=60).token_ids
     assert seen and all(name == "llava-engine" for name, _ in seen)
     assert 2 in {n for _, n in seen}  # idle machine: both CPUs
+    assert eng.stats().cpu_threads == seen[-1][1]  # what the engine thread ran its last step with
     torch.set_num_threads(1)
     assert got == _solo(model, tok, req).token_ids

@@ -378,6 +378,8 @@ def test_health_and_metrics(cluster, ctl):
     assert 'llava_controller_requests_total{endpoint="/worker_generate_stream",outcome="ok"}' in text
     wtext = "".join(httpx.get(cluster.procs[n].url + "/metrics").text for n in ("worker0", "worker1"))
     assert "llava_worker_completion_tokens_total" in wtext and "llava_worker_queue_length 0.0" in wtext
+    threads = [float(v) for v in re.findall(r"^llava_worker_cpu_threads (\S+)$", wtext, re.M)]
+    assert len(threads) == 2 and max(threads) >= 1  # the workers above served requests on the CPU
 
 
 def test_allowlist_refuses_foreign_worker(ctl):
