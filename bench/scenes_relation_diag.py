@@ -9,6 +9,11 @@ Variants (training rows: every one-image training scene of `--data` that has a r
 - relation+where  the same, plus up to 4 "Is the red circle in the left or the right half of the image?" questions
                   about single objects (answer left/right/top/bottom; objects within 10 % of the centre line skipped):
                   reading one object's position is a step of every relation question, and far easier to learn alone
+- relation+which  the same, plus up to 4 "Which is further to the left, the red circle or the blue square?" /
+                  "Which is higher up, ...?" questions (answer the object's name, "red circle"; the pair MARGIN apart
+                  on that axis, their order in the question random). A yes/no relation answer is an XOR: it flips with
+                  the relation word and with the order of the two objects, so no single position correlates with it and
+                  training can sit on a plateau at chance; naming the further-left object has no such flip
 `--tune full` trains every LLM weight (starting from the init's merged export, <init>/hf) instead of LoRA.
 `--layers '[0, 6, -2]'` starts instead from a new base with those vision feature layers (a new projector, a new LoRA;
 no --init): hidden state 0 is DINOv2's patch embedding plus its position embedding, so each token then carries its
@@ -55,6 +60,27 @@ def where_questions(rng: random.Random, scene: scenes.Scene, k: int) -> list[tup
     for o, axis in options[:k]:
         answer = HALVES[axis][int(getattr(o, axis) > half)]
         out.append((rng.choice(WHERE[axis]).format(o=f"{o.colour} {o.shape}"), answer))
+    return out
+
+
+WHICH = {"x": ["Which is further to the left, the {a} or the {b}?", "Which one is more to the left: the {a} or the {b}?"],
+         "y": ["Which is higher up, the {a} or the {b}?", "Which one is nearer the top: the {a} or the {b}?"]}
+
+
+def which_questions(rng: random.Random, scene: scenes.Scene, k: int) -> list[tuple[str, str]]:
+    """Up to k (question, answer) pairs naming the further-left or higher of two uniquely named objects."""
+    objs = scene.objects
+    unique = [o for o in objs if sum((p.colour, p.shape) == (o.colour, o.shape) for p in objs) == 1]
+    margin = scenes.MARGIN * scene.size
+    options = [(a, b, axis) for i, a in enumerate(unique) for b in unique[i + 1:] for axis in WHICH
+               if abs(getattr(a, axis) - getattr(b, axis)) >= margin]
+    rng.shuffle(options)
+    out = []
+    for a, b, axis in options[:k]:
+        first = min((a, b), key=lambda o: getattr(o, axis))  # smaller x: further left; smaller y: higher up
+        a, b = (a, b) if rng.random() < 0.5 else (b, a)
+        name = lambda o: f"{o.colour} {o.shape}"  # noqa: E731
+        out.append((rng.choice(WHICH[axis]).format(a=name(a), b=name(b)), name(first)))
     return out
 
 
@@ -123,21 +149,23 @@ def training_rows(data: Path, variant: str, seed: int, views: Views) -> list[dic
         pairs = relation_questions(rng, scene, 4)
         if not pairs:
             continue
-        if variant == "relation+where":
-            pairs += where_questions(rng, scene, 4)
+        if variant != "relation":
+            pairs += (where_questions if variant == "relation+where" else which_questions)(rng, scene, 4)
             rng.shuffle(pairs)
         rows.append({"id": f"diag-{image}", "image": views.image(image), "conversations": turns(pairs, views.count)})
     return rows
 
 
-def where_test_rows(data: Path, seed: int, views: Views) -> list[dict]:
+def aside_test_rows(data: Path, seed: int, views: Views, kind: str = "where") -> list[dict]:
+    """One `where` (or `which`) question per test scene that has one to ask."""
+    make = where_questions if kind == "where" else which_questions
     described = json.loads((data / "scenes-test.json").read_text())
     rows = []
     for image, d in sorted(described.items()):
         rng = random.Random(f"diag:{seed}:test:{image}")
-        for i, (q, a) in enumerate(where_questions(rng, scenes.scene_from_dict(d), 1)):
-            rows.append({"id": f"where-{image}-{i}", "image": views.image(image), "conversations": turns([(q, a)], views.count),
-                         "family": "where", "kind": "where"})
+        for i, (q, a) in enumerate(make(rng, scenes.scene_from_dict(d), 1)):
+            rows.append({"id": f"{kind}-{image}-{i}", "image": views.image(image),
+                         "conversations": turns([(q, a)], views.count), "family": kind, "kind": kind})
     return rows
 
 
@@ -155,7 +183,7 @@ def by_axis(rows: list[dict], answers: Path) -> dict:
     for line in answers.read_text().splitlines():
         a = json.loads(line)
         question, answer = gold[a["question_id"]]
-        axis = "x" if any(w in question for w in ("left", "right")) else "y"
+        axis = "x" if any(w in question for w in ("left", "right")) else "y"  # "which": left / higher, top
         hits[axis].append(int(a["text"].strip().lower().rstrip(".") == answer))
     return {axis: {"score": round(sum(h) / len(h), 4), "n": len(h)} for axis, h in hits.items() if h}
 
@@ -190,7 +218,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--layers", type=json.loads, help="JSON vision feature layer(s): start from a new base instead")
     p.add_argument("--base", type=Path, help="the assembled base model (default: <init>/../base)")
     p.add_argument("--out", type=Path, required=True)
-    p.add_argument("--variant", choices=["relation", "relation+where"], default="relation")
+    p.add_argument("--variant", choices=["relation", "relation+where", "relation+which"], default="relation")
     p.add_argument("--tune", choices=["lora", "full"], default="lora")
     p.add_argument("--lr", type=float, default=8e-4)
     p.add_argument("--projector-lr", type=float, default=2e-4)
@@ -233,7 +261,9 @@ def main(argv: list[str] | None = None) -> int:
               "stage": {k: m.get(k) for k in ("global_step", "seconds_per_step", "final_loss", "train_seconds")},
               "relation_test": evaluate(model, test, a.out / "eval-test"),
               "relation_paraphrase": evaluate(model, para, a.out / "eval-para"),
-              "where_test": evaluate(model, where_test_rows(a.data, a.seed, views), a.out / "eval-where")}
+              "where_test": evaluate(model, aside_test_rows(a.data, a.seed, views), a.out / "eval-where")}
+    if a.variant == "relation+which":
+        report["which_test"] = evaluate(model, aside_test_rows(a.data, a.seed, views, "which"), a.out / "eval-which")
     (a.out / "report.json").write_text(json.dumps(report, indent=1) + "\n")
     print(json.dumps(report))
     return 0

@@ -311,6 +311,33 @@ def test_relation_diagnostic_rows_follow_from_the_scenes(data):
     assert kinds["where"] > 50 and kinds["relation"] > 50
 
 
+def test_relation_diagnostic_which_questions_name_the_further_object(data):
+    """relation+which: "Which is further to the left / higher up, the A or the B?" names the object the scene puts
+    there, MARGIN apart, with the answer first in the question about half the time."""
+    from bench import scenes_relation_diag as diag
+
+    described = load(data, "scenes-train.json")
+    rows = diag.training_rows(data, "relation+which", seed=1, views=diag.Views(data, "original", data / "unused"))
+    first = Counter()
+    for row in rows:
+        scene = scenes.scene_from_dict(described[str(Path(row["image"]).relative_to(data))])
+        objs = {(o.colour, o.shape): o for o in scene.objects}
+        conv = row["conversations"]
+        for human, gpt in zip(conv[::2], conv[1::2]):
+            q, answer = question({"conversations": [human]}), gpt["value"]
+            if not q.startswith("which"):
+                continue
+            a, b = (objs[n] for n in named(q))
+            axis = "x" if "left" in q else "y"
+            further = min((a, b), key=lambda o: getattr(o, axis))
+            assert answer == f"{further.colour} {further.shape}"
+            assert abs(getattr(a, axis) - getattr(b, axis)) >= scenes.MARGIN * SIZE
+            first[further is a] += 1
+    assert min(first.values()) > 0.3 * sum(first.values()) and sum(first.values()) > 50
+    test = diag.aside_test_rows(data, 1, diag.Views(data, "original", data / "unused"), "which")
+    assert test and all(r["family"] == "which" for r in test)
+
+
 def test_relation_diagnostic_views_show_the_transposed_image(data, tmp_path):
     """--view both: every row shows the image and its transpose (two <image>s); questions stay about the original."""
     from bench import scenes_relation_diag as diag
