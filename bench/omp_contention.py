@@ -9,12 +9,13 @@ as the engine does before every step, re-deciding every 0.5 s here) -- once on a
 busy process (a Python busy loop, as a training or test job would be). Each setting is measured in its own
 subprocess because OpenMP reads its environment once, when torch loads it.
 
-    python -m bench.omp_contention --engine [--quick] [--out ...]
+    python -m bench.omp_contention --engine [--quick] [--out bench/results/omp_contention-engine.json]
 
 measures the same settings end to end instead: single-stream decode tokens/s of one image question through
 llava.engine.Engine (what a worker runs) on the embedded default model at the worker's `--dtype auto
 --quantization auto` (`--quick`: bench.engine's small random model), 64 new tokens, best of 3 after 3 s of warm-up,
-with `OMP_NUM_THREADS=1` or `cpu_threads="auto"` as `--num-threads 1` / `--num-threads auto` set them.
+with `OMP_NUM_THREADS=1` or `cpu_threads="auto"` as `--num-threads 1` / `--num-threads auto` set them, and the main
+thread off OpenMP once the engine runs, as a worker does (`--shared-openmp`: without that).
 """
 from __future__ import annotations
 
@@ -57,6 +58,9 @@ from llava.engine import GenerationRequest
 mode, quick = sys.argv[1], sys.argv[2] == "quick"
 setup = quick_setup() if quick else default_setup()
 engine = no_cache_engine(setup, max_batch_size=1, cpu_threads="auto" if mode == "auto" else "fixed").start()
+if "--shared-openmp" not in sys.argv:  # as a worker does (llava.hardware.single_openmp_thread)
+    from llava.hardware import single_openmp_thread
+    single_openmp_thread(release=True)
 n, best, r = 64, float("inf"), 0
 def decode(r):
     ids, images = one_image_request(setup, r, n)
@@ -92,7 +96,7 @@ def measure(extra_env: dict[str, str], engine: str | None = None) -> dict:
     extra_env = dict(extra_env)
     auto = extra_env.pop("__auto__", None) is not None
     if engine:
-        args = ["-c", ENGINE, "auto" if auto else "fixed", engine]
+        args = ["-c", ENGINE, "auto" if auto else "fixed", *engine.split(",")]
     else:
         args = ["-c", LOOP] + (["auto"] if auto else [])
     done = subprocess.run([sys.executable, *args], env={**env, **extra_env}, capture_output=True, text=True,
@@ -110,11 +114,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path)
     p.add_argument("--engine", action="store_true", help="decode tokens/s through llava.engine instead of the loop")
     p.add_argument("--quick", action="store_true", help="--engine: the small random model, not the default")
+    p.add_argument("--shared-openmp", action="store_true",
+                   help="--engine: leave the main thread's OpenMP team in place (as workers did before "
+                        "llava.hardware.single_openmp_thread)")
     a = p.parse_args(argv)
-    engine = ("quick" if a.quick else "default") if a.engine else None
+    engine = ("quick" if a.quick else "default") + (",--shared-openmp" if a.shared_openmp else "") if a.engine else None
     settings = {k: v for k, v in SETTINGS.items() if not (engine and "OMP_WAIT_POLICY" in v)}
     result = {"cpu": cpu_flags(), "date": time.strftime("%Y-%m-%d"),
-              "measure": f"engine decode tokens/s, {engine} model" if engine else "ms per decode-shaped loop",
+              "measure": (f"engine decode tokens/s, {'quick' if a.quick else 'default'} model, main thread "
+                          f"{'keeping its OpenMP team' if a.shared_openmp else 'off OpenMP (as a worker)'}"
+                          if engine else "ms per decode-shaped loop"),
               "idle": {}, "beside one busy process": {}}
     for name, env in settings.items():
         result["idle"][name] = measure(env, engine)

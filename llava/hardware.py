@@ -11,10 +11,13 @@ Promises:
 - `Choice` carries the value and a one-line reason for logs, benchmarks and the model card.
 - `ThreadGovernor` (`--num-threads auto`) gives torch the CPUs other processes leave free, re-decided every few
   seconds.
+- `single_openmp_thread(release=...)` keeps a serving process's other threads off OpenMP, so the engine thread's
+  OpenMP team is the only one (see its docstring for the 3.5x it costs otherwise).
 """
 
 from __future__ import annotations
 
+import ctypes
 import functools
 import logging
 import os
@@ -191,3 +194,39 @@ class ThreadGovernor:
                         self.others, self.cpus)
             torch.set_num_threads(n)
         return torch.get_num_threads()
+
+
+@functools.cache
+def _libgomp():
+    """torch's GNU OpenMP runtime, loaded in this process (ctypes), or None (another runtime, or not Linux)."""
+    torch.get_num_threads()  # torch has loaded its OpenMP runtime by now
+    try:
+        maps = Path("/proc/self/maps").read_text().splitlines()
+    except OSError:
+        return None
+    paths = {line.split()[-1] for line in maps if "/libgomp" in line}
+    if len(paths) != 1:
+        return None
+    lib = ctypes.CDLL(paths.pop())
+    return lib if hasattr(lib, "omp_set_num_threads") else None
+
+
+def single_openmp_thread(release: bool = False) -> bool:
+    """From now on the calling thread computes torch's CPU ops with one OpenMP thread; `release` also ends the idle
+    OpenMP workers this thread started before. Returns False where torch does not run on GNU OpenMP (nothing done).
+
+    Why: libgomp keeps one team of worker threads per thread that ever ran a parallel region, and once its threads
+    outnumber the CPUs it stops spinning between regions and sleeps instead. A worker's model runs in the engine
+    thread after the main thread loaded it (and request threads preprocessed images) with torch's threads: the
+    engine's decode of the embedded default with 2 threads on 2 cores ran at 40-42 tokens/s instead of 166, below one
+    thread's 85-92 (bench/results/omp_contention-engine.json). Serving processes call this in their main thread once the
+    engine runs, and as the initializer of their request threads.
+    """
+    lib = _libgomp()
+    if lib is None:
+        return False
+    torch.get_num_threads()  # torch sets each thread's OpenMP count once, lazily: let it, then override this thread's
+    if release and hasattr(lib, "omp_pause_resource_all"):
+        lib.omp_pause_resource_all(2)  # omp_pause_hard: this thread's idle team ends
+    lib.omp_set_num_threads(1)
+    return True

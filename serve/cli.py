@@ -24,6 +24,7 @@ import httpx
 
 from llava.chat import ChatSession, ChatStateError, image_bytes, video_bytes_of
 from llava.config import LoadOptions
+from llava.hardware import single_openmp_thread
 from llava.images import MAX_IMAGE_BYTES, ImageError
 from llava.templates import ImageCountError
 from llava.video import VideoError
@@ -243,6 +244,8 @@ def main(argv: list[str] | None = None) -> None:
     backend: Backend = (
         RemoteBackend(args.controller_url, args.model_name) if args.controller_url else LocalBackend(args)
     )
+    if isinstance(backend, LocalBackend) and backend.serving.engine.device.type == "cpu":
+        single_openmp_thread(release=True)  # this process's model runs in the engine thread: its OpenMP team alone
     sys.stdout.write(f"chatting with {backend.name}; commands: /image PATH, /video PATH, /clear, /exit\n")
     try:
         chat_loop(backend, ChatSession(system=args.system), fields, pending, sys.stdin, sys.stdout, pending_videos)

@@ -43,6 +43,7 @@ import contextlib
 import logging
 import os
 from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import httpx
@@ -54,6 +55,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, G
 
 from llava.config import EngineConfig, LoadOptions
 from llava.engine import RequestHandle
+from llava.hardware import single_openmp_thread
 from llava.images import MAX_IMAGE_BYTES, MAX_IMAGE_PIXELS
 from pydantic import BaseModel
 
@@ -279,6 +281,10 @@ def create_app(config: WorkerConfig, serving: ServingModel | None = None) -> Fas
         for name, path in config.lora_modules:
             model.load_adapter(name, path)
         model.engine.start()
+        if serving is None and model.engine.device.type == "cpu":  # our process: the engine's OpenMP team alone
+            asyncio.get_running_loop().set_default_executor(ThreadPoolExecutor(
+                thread_name_prefix="llava-request", initializer=single_openmp_thread))
+            single_openmp_thread(release=True)
         if config.warm_up and serving is None:
             logger.info("warm-up request took %.2f s", await asyncio.to_thread(model.warm_up))
         client = httpx.AsyncClient(timeout=10.0, headers=auth_headers(config.auth_token))

@@ -773,3 +773,34 @@ def test_engine_with_auto_cpu_threads_sets_torch_threads_in_its_own_thread(model
     assert eng.stats().cpu_threads == seen[-1][1]  # what the engine thread ran its last step with
     torch.set_num_threads(1)
     assert got == _solo(model, tok, req).token_ids
+
+
+_SINGLE_OPENMP = r"""
+import threading, torch
+from llava.hardware import _libgomp, single_openmp_thread
+torch.set_num_threads(2)
+(torch.randn(3, 400, 400) * 2).sum()  # the main thread starts its OpenMP team
+if _libgomp() is None:
+    print("no-libgomp")
+    raise SystemExit
+assert single_openmp_thread(release=True)
+seen = {"main": torch.get_num_threads()}
+(torch.randn(3, 400, 400) * 2).sum()
+seen["main after an op"] = torch.get_num_threads()
+t = threading.Thread(target=lambda: seen.update(engine=torch.get_num_threads())); t.start(); t.join()
+t = threading.Thread(target=lambda: (single_openmp_thread(), seen.update(request=torch.get_num_threads()))); t.start(); t.join()
+print(seen)
+"""
+
+
+def test_single_openmp_thread_leaves_other_threads_their_count():
+    """single_openmp_thread: the calling thread computes on one OpenMP thread from then on (also after torch ops);
+    a new thread (the engine's) still gets torch's count. In a subprocess: the test process keeps its threads."""
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-c", _SINGLE_OPENMP], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    if out.stdout.strip() == "no-libgomp":
+        pytest.skip("torch does not run on GNU OpenMP here")
+    assert out.stdout.strip() == str({"main": 1, "main after an op": 1, "engine": 2, "request": 1})
