@@ -283,31 +283,36 @@ def test_demo_examples_give_the_web_ui_one_example_per_family(data, tmp_path, mo
         str(demo / "scenes-two_image-1.png"), str(demo / "scenes-two_image-2.png")]
 
 
-def test_relation_diagnostic_rows_follow_from_the_scenes(data):
-    """bench.scenes_relation_diag: its per-object half questions and relation questions are answered by the scene."""
+def diag_questions(data, variant: str):
+    """bench.scenes_relation_diag's training questions for `variant`: (question, answer, the objects it names)."""
     from bench import scenes_relation_diag as diag
 
     described = load(data, "scenes-train.json")
-    rows = diag.training_rows(data, "relation+where", seed=1, views=diag.Views(data, "original", data / "unused"))
+    rows = diag.training_rows(data, variant, seed=1, views=diag.Views(data, "original", data / "unused"))
     assert rows and all(Path(r["image"]).is_file() for r in rows)
-    kinds = Counter()
     for row in rows:
         scene = scenes.scene_from_dict(described[str(Path(row["image"]).relative_to(data))])
         objs = {(o.colour, o.shape): o for o in scene.objects}
         conv = row["conversations"]
         for human, gpt in zip(conv[::2], conv[1::2]):
-            q, answer = question({"conversations": [human]}), gpt["value"]
-            (a, *rest) = [objs[n] for n in named(q)]
-            if answer in ("left", "right", "top", "bottom"):
-                kinds["where"] += 1
-                axis = "x" if answer in ("left", "right") else "y"
-                assert (getattr(a, axis) > SIZE / 2) == (answer in ("right", "bottom"))
-                assert abs(getattr(a, axis) - SIZE / 2) >= scenes.MARGIN * SIZE
-            else:
-                kinds["relation"] += 1
-                (b,) = rest
-                rel = next(r for r, words in scenes.RELATIONS.items() if words[0] in q)
-                assert scenes.holds(a, rel, b, scenes.MARGIN * SIZE) == (answer == "yes")
+            q = question({"conversations": [human]})
+            yield q, gpt["value"], [objs[n] for n in named(q)]
+
+
+def test_relation_diagnostic_rows_follow_from_the_scenes(data):
+    """bench.scenes_relation_diag: its per-object half questions and relation questions are answered by the scene."""
+    kinds = Counter()
+    for q, answer, (a, *rest) in diag_questions(data, "relation+where"):
+        if answer in ("left", "right", "top", "bottom"):
+            kinds["where"] += 1
+            axis = "x" if answer in ("left", "right") else "y"
+            assert (getattr(a, axis) > SIZE / 2) == (answer in ("right", "bottom"))
+            assert abs(getattr(a, axis) - SIZE / 2) >= scenes.MARGIN * SIZE
+        else:
+            kinds["relation"] += 1
+            (b,) = rest
+            rel = next(r for r, words in scenes.RELATIONS.items() if words[0] in q)
+            assert scenes.holds(a, rel, b, scenes.MARGIN * SIZE) == (answer == "yes")
     assert kinds["where"] > 50 and kinds["relation"] > 50
 
 
@@ -316,23 +321,16 @@ def test_relation_diagnostic_which_questions_name_the_further_object(data):
     there, MARGIN apart, with the answer first in the question about half the time."""
     from bench import scenes_relation_diag as diag
 
-    described = load(data, "scenes-train.json")
-    rows = diag.training_rows(data, "relation+which", seed=1, views=diag.Views(data, "original", data / "unused"))
     first = Counter()
-    for row in rows:
-        scene = scenes.scene_from_dict(described[str(Path(row["image"]).relative_to(data))])
-        objs = {(o.colour, o.shape): o for o in scene.objects}
-        conv = row["conversations"]
-        for human, gpt in zip(conv[::2], conv[1::2]):
-            q, answer = question({"conversations": [human]}), gpt["value"]
-            if not q.startswith("which"):
-                continue
-            a, b = (objs[n] for n in named(q))
-            axis = "x" if "left" in q else "y"
-            further = min((a, b), key=lambda o: getattr(o, axis))
-            assert answer == f"{further.colour} {further.shape}"
-            assert abs(getattr(a, axis) - getattr(b, axis)) >= scenes.MARGIN * SIZE
-            first[further is a] += 1
+    for q, answer, objs in diag_questions(data, "relation+which"):
+        if not q.startswith("which"):
+            continue
+        a, b = objs
+        axis = "x" if "left" in q else "y"
+        further = min((a, b), key=lambda o: getattr(o, axis))
+        assert answer == f"{further.colour} {further.shape}"
+        assert abs(getattr(a, axis) - getattr(b, axis)) >= scenes.MARGIN * SIZE
+        first[further is a] += 1
     assert min(first.values()) > 0.3 * sum(first.values()) and sum(first.values()) > 50
     test = diag.aside_test_rows(data, 1, diag.Views(data, "original", data / "unused"), "which")
     assert test and all(r["family"] == "which" for r in test)
