@@ -11,7 +11,8 @@
 - P3: time to first token at turns 1..8 of one image conversation, with the engine's caches and without.
 - roofline_fraction: LLM weight bytes read per decode step x steps/s / the read bandwidth measured here.
 Full mode runs the embedded default model with `--dtype auto --quantization auto` (what a worker serves here);
---quick builds a small random LLaVA in memory. Every result names the CPU flags it ran on. Prints a table, writes
+--quick builds a small random LLaVA in memory. As in a worker, only the engine thread runs OpenMP teams (the raw
+loop, llama.cpp and the bandwidth probe run in threads of their own). Every result names the CPU flags it ran on. Prints a table, writes
 bench/results/engine-<mode>.json; the last printed line is a one-line JSON summary.
 """
 
@@ -35,6 +36,7 @@ import torch
 from PIL import Image, ImageDraw
 
 from llava.engine import Engine, GenerationRequest, SamplingParams
+from llava.hardware import single_openmp_thread
 from llava.images import ImageProcessing, ProcessedImage, load_image, preprocess
 from llava.templates import get_template, render, stop_token_ids
 
@@ -171,6 +173,18 @@ def no_cache_engine(setup: Setup, **kw) -> Engine:
 # ------------------------------------------------------------------------------------------------------- P1
 
 
+def in_fresh_thread(fn, *args):
+    """fn(*args) in a new thread, which ends with it (and with it the OpenMP team it started): the engine thread's
+    team stays the only live one, as in a worker (llava.hardware.single_openmp_thread)."""
+    out: list = []
+    worker = threading.Thread(target=lambda: out.append(fn(*args)))
+    worker.start()
+    worker.join()
+    if not out:
+        raise RuntimeError(f"{getattr(fn, '__name__', fn)} failed in its thread (traceback above)")
+    return out[0]
+
+
 @torch.inference_mode()
 def raw_loop(model, ids: list[int], image: ProcessedImage, n: int) -> float:
     """Seconds for prefill + n-1 greedy decode steps with plain forward calls and a DynamicCache."""
@@ -194,7 +208,7 @@ def bench_p1(setup: Setup) -> dict:
     try:
         for r in range(setup.repeats + 1):  # the first round warms both paths up and is not counted
             ids, images = one_image_request(setup, 100 + r, n)
-            t_raw = raw_loop(setup.model, ids, images[0], n)
+            t_raw = in_fresh_thread(raw_loop, setup.model, ids, images[0], n)
             t0 = time.perf_counter()
             timing = consume(engine.submit(GenerationRequest(ids, images, fixed_length(n))), t0)
             t_eng = timing.end - t0
@@ -396,7 +410,7 @@ def bench_p7(setup: Setup, tokens: int, repeats: int, llamacpp) -> dict:
             t0 = time.perf_counter()
             timing = consume(engine.submit(GenerationRequest(ids, [], fixed_length(tokens))), t0)
             mine = {"decode_tok_s": (timing.tokens - 1) / (timing.end - t0 - timing.ttft), "ttft_s": timing.ttft}
-            other = llamacpp.run(prompt_text, tokens) if llamacpp else None
+            other = in_fresh_thread(llamacpp.run, prompt_text, tokens) if llamacpp else None
             if r:
                 ours.append(mine)
                 if other:
@@ -516,7 +530,10 @@ def main(argv: list[str] | None = None) -> dict:
            "quantization": setup.quantization, "precision_reason": setup.precision_reason,
            "load_avg_start": os.getloadavg()[0]}
     llamacpp, res["llamacpp"] = (None, "not run with --quick") if args.quick else load_llamacpp(threads, args.no_llamacpp)
-    res["read_bandwidth_gbs"] = read_bandwidth_gbs()
+    # as a worker: the main thread (which loaded the model) leaves OpenMP to the engine thread; the raw loop and
+    # llama.cpp run in threads of their own (in_fresh_thread)
+    res["main_thread_off_openmp"] = single_openmp_thread(release=True)
+    res["read_bandwidth_gbs"] = in_fresh_thread(read_bandwidth_gbs)
     res["decode_weight_bytes"] = decode_weight_bytes(setup.model)
     res["p1"] = bench_p1(setup)
     res["p7"] = bench_p7(setup, setup.p1_tokens, args.p7_repeats, llamacpp)
