@@ -12,7 +12,8 @@
 - roofline_fraction: LLM weight bytes read per decode step x steps/s / the read bandwidth measured here.
 Full mode runs the embedded default model with `--dtype auto --quantization auto` (what a worker serves here);
 --quick builds a small random LLaVA in memory. As in a worker, only the engine thread runs OpenMP teams (the raw
-loop, llama.cpp and the bandwidth probe run in threads of their own). Every result names the CPU flags it ran on. Prints a table, writes
+loop, llama.cpp and the bandwidth probe run in threads of their own, and P1/P7 start a new engine per round and shut
+it down before the other side runs, so each side runs as the process's only OpenMP team). Every result names the CPU flags it ran on. Prints a table, writes
 bench/results/engine-<mode>.json; the last printed line is a one-line JSON summary.
 """
 
@@ -204,21 +205,21 @@ def raw_loop(model, ids: list[int], image: ProcessedImage, n: int) -> float:
 def bench_p1(setup: Setup) -> dict:
     n = setup.p1_tokens
     raw_times, eng_times, itl, ttft = [], [], [], []
-    engine = no_cache_engine(setup, max_batch_size=1).start()
-    try:
-        for r in range(setup.repeats + 1):  # the first round warms both paths up and is not counted
-            ids, images = one_image_request(setup, 100 + r, n)
-            t_raw = in_fresh_thread(raw_loop, setup.model, ids, images[0], n)
+    for r in range(setup.repeats + 1):  # the first round warms both paths up and is not counted
+        ids, images = one_image_request(setup, 100 + r, n)
+        t_raw = in_fresh_thread(raw_loop, setup.model, ids, images[0], n)
+        engine = no_cache_engine(setup, max_batch_size=1).start()  # per round: one OpenMP team at a time (bench_p7)
+        try:
             t0 = time.perf_counter()
             timing = consume(engine.submit(GenerationRequest(ids, images, fixed_length(n))), t0)
-            t_eng = timing.end - t0
-            if r:
-                raw_times.append(t_raw)
-                eng_times.append(t_eng)
-                itl += timing.itl
-                ttft.append(timing.ttft)
-    finally:
-        engine.shutdown()
+        finally:
+            engine.shutdown()
+        t_eng = timing.end - t0
+        if r:
+            raw_times.append(t_raw)
+            eng_times.append(t_eng)
+            itl += timing.itl
+            ttft.append(timing.ttft)
     raw_tps, eng_tps = n / statistics.median(raw_times), n / statistics.median(eng_times)
     # each engine run is paired with the raw run just before it, so load from other processes cancels out
     ratio = statistics.median(r / e for r, e in zip(raw_times, eng_times))
@@ -403,20 +404,22 @@ def bench_p7(setup: Setup, tokens: int, repeats: int, llamacpp) -> dict:
 
     ids = text_request(setup, lc.PROMPT_QUESTION)
     prompt_text = setup.tokenizer.decode(ids)  # the exact text our template renders, special tokens included
-    engine = no_cache_engine(setup, max_batch_size=1).start()
     ours, theirs = [], []
-    try:
-        for r in range(repeats + 1):  # round 0 warms both up
+    for r in range(repeats + 1):  # round 0 warms both up
+        # a new engine per round, shut down (its thread and OpenMP team gone) before llama.cpp runs: each side runs
+        # as the process's only OpenMP team, as each would in its own server
+        engine = no_cache_engine(setup, max_batch_size=1).start()
+        try:
             t0 = time.perf_counter()
             timing = consume(engine.submit(GenerationRequest(ids, [], fixed_length(tokens))), t0)
-            mine = {"decode_tok_s": (timing.tokens - 1) / (timing.end - t0 - timing.ttft), "ttft_s": timing.ttft}
-            other = in_fresh_thread(llamacpp.run, prompt_text, tokens) if llamacpp else None
-            if r:
-                ours.append(mine)
-                if other:
-                    theirs.append(other)
-    finally:
-        engine.shutdown()
+        finally:
+            engine.shutdown()
+        mine = {"decode_tok_s": (timing.tokens - 1) / (timing.end - t0 - timing.ttft), "ttft_s": timing.ttft}
+        other = in_fresh_thread(llamacpp.run, prompt_text, tokens) if llamacpp else None
+        if r:
+            ours.append(mine)
+            if other:
+                theirs.append(other)
     out = {"tokens": tokens, "repeats": repeats, "prompt_tokens": len(ids),
            "decode_tok_s": statistics.median(x["decode_tok_s"] for x in ours),
            "ttft_text_s": statistics.median(x["ttft_s"] for x in ours)}
