@@ -13,8 +13,9 @@
 Full mode runs the embedded default model with `--dtype auto --quantization auto` (what a worker serves here);
 --quick builds a small random LLaVA in memory. As in a worker, only the engine thread runs OpenMP teams (the raw
 loop, llama.cpp and the bandwidth probe run in threads of their own, and P1/P7 start a new engine per round and shut
-it down before the other side runs, so each side runs as the process's only OpenMP team). Every result names the CPU flags it ran on. Prints a table, writes
-bench/results/engine-<mode>.json; the last printed line is a one-line JSON summary.
+it down before the other side runs, so each side runs as the process's only OpenMP team). Every result names the CPU
+flags it ran on. Prints a table, writes bench/results/engine-<mode>.json; the last printed line is a one-line JSON
+summary.
 """
 
 from __future__ import annotations
@@ -174,6 +175,17 @@ def no_cache_engine(setup: Setup, **kw) -> Engine:
 # ------------------------------------------------------------------------------------------------------- P1
 
 
+def solo_engine_run(setup: Setup, request: GenerationRequest) -> tuple[float, StreamTiming]:
+    """One request on a new single-stream engine, shut down after it (its thread and OpenMP team gone): the side
+    measured next runs as the process's only OpenMP team, as each would in its own server. (t_submit, timing)."""
+    engine = no_cache_engine(setup, max_batch_size=1).start()
+    try:
+        t0 = time.perf_counter()
+        return t0, consume(engine.submit(request), t0)
+    finally:
+        engine.shutdown()
+
+
 def in_fresh_thread(fn, *args):
     """fn(*args) in a new thread, which ends with it (and with it the OpenMP team it started): the engine thread's
     team stays the only live one, as in a worker (llava.hardware.single_openmp_thread)."""
@@ -208,12 +220,7 @@ def bench_p1(setup: Setup) -> dict:
     for r in range(setup.repeats + 1):  # the first round warms both paths up and is not counted
         ids, images = one_image_request(setup, 100 + r, n)
         t_raw = in_fresh_thread(raw_loop, setup.model, ids, images[0], n)
-        engine = no_cache_engine(setup, max_batch_size=1).start()  # per round: one OpenMP team at a time (bench_p7)
-        try:
-            t0 = time.perf_counter()
-            timing = consume(engine.submit(GenerationRequest(ids, images, fixed_length(n))), t0)
-        finally:
-            engine.shutdown()
+        t0, timing = solo_engine_run(setup, GenerationRequest(ids, images, fixed_length(n)))
         t_eng = timing.end - t0
         if r:
             raw_times.append(t_raw)
@@ -406,14 +413,7 @@ def bench_p7(setup: Setup, tokens: int, repeats: int, llamacpp) -> dict:
     prompt_text = setup.tokenizer.decode(ids)  # the exact text our template renders, special tokens included
     ours, theirs = [], []
     for r in range(repeats + 1):  # round 0 warms both up
-        # a new engine per round, shut down (its thread and OpenMP team gone) before llama.cpp runs: each side runs
-        # as the process's only OpenMP team, as each would in its own server
-        engine = no_cache_engine(setup, max_batch_size=1).start()
-        try:
-            t0 = time.perf_counter()
-            timing = consume(engine.submit(GenerationRequest(ids, [], fixed_length(tokens))), t0)
-        finally:
-            engine.shutdown()
+        t0, timing = solo_engine_run(setup, GenerationRequest(ids, [], fixed_length(tokens)))
         mine = {"decode_tok_s": (timing.tokens - 1) / (timing.end - t0 - timing.ttft), "ttft_s": timing.ttft}
         other = in_fresh_thread(llamacpp.run, prompt_text, tokens) if llamacpp else None
         if r:

@@ -53,9 +53,9 @@ print(best * 1e3, torch.get_num_threads())
 
 ENGINE = r"""
 import sys, time
-from bench.engine import default_setup, fixed_length, no_cache_engine, one_image_request, quick_setup
+from bench.engine import consume, default_setup, fixed_length, no_cache_engine, one_image_request, quick_setup
 from llava.engine import GenerationRequest
-mode, quick = sys.argv[1], sys.argv[2] == "quick"
+mode, quick = sys.argv[1], "--quick" in sys.argv
 setup = quick_setup() if quick else default_setup()
 engine = no_cache_engine(setup, max_batch_size=1, cpu_threads="auto" if mode == "auto" else "fixed").start()
 if "--shared-openmp" not in sys.argv:  # as a worker does (llava.hardware.single_openmp_thread)
@@ -64,9 +64,8 @@ if "--shared-openmp" not in sys.argv:  # as a worker does (llava.hardware.single
 n, best, r = 64, float("inf"), 0
 def decode(r):
     ids, images = one_image_request(setup, r, n)
-    stamps = [time.perf_counter() for ev in engine.submit(GenerationRequest(ids, images, fixed_length(n)))
-              if ev.token_id is not None]
-    return (stamps[-1] - stamps[0]) / (len(stamps) - 1)
+    timing = consume(engine.submit(GenerationRequest(ids, images, fixed_length(n))), time.perf_counter())
+    return sum(timing.itl) / len(timing.itl)  # seconds per decoded token after the first
 try:
     t0 = time.perf_counter()
     while time.perf_counter() - t0 < 3 or r < 1:  # warm up; the governor (2 s interval) has decided by then
@@ -90,13 +89,14 @@ def cpu_flags() -> str:
     return f"{cpu_info().summary()}, {os.cpu_count()} logical CPUs"
 
 
-def measure(extra_env: dict[str, str], engine: str | None = None) -> dict:
-    """One setting in a fresh process: the loop's ms per token, or (engine = "default" | "quick") decode tokens/s."""
+def measure(extra_env: dict[str, str], engine: list[str] | None = None) -> dict:
+    """One setting in a fresh process: the loop's ms per token, or (engine: the ENGINE script's flags, maybe empty)
+    decode tokens/s."""
     env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "OMP_WAIT_POLICY")}
     extra_env = dict(extra_env)
     auto = extra_env.pop("__auto__", None) is not None
-    if engine:
-        args = ["-c", ENGINE, "auto" if auto else "fixed", *engine.split(",")]
+    if engine is not None:
+        args = ["-c", ENGINE, "auto" if auto else "fixed", *engine]
     else:
         args = ["-c", LOOP] + (["auto"] if auto else [])
     done = subprocess.run([sys.executable, *args], env={**env, **extra_env}, capture_output=True, text=True,
@@ -104,7 +104,7 @@ def measure(extra_env: dict[str, str], engine: str | None = None) -> dict:
     if done.returncode:
         raise SystemExit(f"bench.omp_contention: the measuring process failed:\n{done.stderr[-2000:]}")
     out = done.stdout.split()
-    if engine:
+    if engine is not None:
         return {"decode_tok_s": round(float(out[-2]), 1), "threads": int(out[-1])}
     return {"ms_per_token_loop": round(float(out[0]), 2), "threads": int(out[1])}
 
@@ -118,12 +118,12 @@ def main(argv: list[str] | None = None) -> int:
                    help="--engine: leave the main thread's OpenMP team in place (as workers did before "
                         "llava.hardware.single_openmp_thread)")
     a = p.parse_args(argv)
-    engine = ("quick" if a.quick else "default") + (",--shared-openmp" if a.shared_openmp else "") if a.engine else None
-    settings = {k: v for k, v in SETTINGS.items() if not (engine and "OMP_WAIT_POLICY" in v)}
+    engine = [f for f, on in (("--quick", a.quick), ("--shared-openmp", a.shared_openmp)) if on] if a.engine else None
+    settings = {k: v for k, v in SETTINGS.items() if not (engine is not None and "OMP_WAIT_POLICY" in v)}
     result = {"cpu": cpu_flags(), "date": time.strftime("%Y-%m-%d"),
               "measure": (f"engine decode tokens/s, {'quick' if a.quick else 'default'} model, main thread "
                           f"{'keeping its OpenMP team' if a.shared_openmp else 'off OpenMP (as a worker)'}"
-                          if engine else "ms per decode-shaped loop"),
+                          if engine is not None else "ms per decode-shaped loop"),
               "idle": {}, "beside one busy process": {}}
     for name, env in settings.items():
         result["idle"][name] = measure(env, engine)

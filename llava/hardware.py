@@ -12,7 +12,7 @@ Promises:
 - `ThreadGovernor` (`--num-threads auto`) gives torch the CPUs other processes leave free, re-decided every few
   seconds.
 - `single_openmp_thread(release=...)` keeps a serving process's other threads off OpenMP, so the engine thread's
-  OpenMP team is the only one (see its docstring for the 3.5x it costs otherwise).
+  OpenMP team is the only one (see its docstring for the 4x it costs otherwise).
 """
 
 from __future__ import annotations
