@@ -44,23 +44,7 @@ from train import scenes
 from train.build_default import default_spec, evaluate_rows
 from train.train import TrainConfig, run
 
-HALVES = {"x": ("left", "right"), "y": ("top", "bottom")}
-WHERE = {"x": ["Is the {o} in the left or the right half of the image?", "Is the {o} on the left or on the right?"],
-         "y": ["Is the {o} in the top or the bottom half of the image?", "Is the {o} at the top or at the bottom?"]}
-
-
-def where_questions(rng: random.Random, scene: scenes.Scene, k: int) -> list[tuple[str, str]]:
-    """Up to k (question, answer) pairs about one uniquely named object's half of the image, per axis."""
-    objs = scene.objects
-    unique = [o for o in objs if sum((p.colour, p.shape) == (o.colour, o.shape) for p in objs) == 1]
-    half, margin = scene.size / 2, scenes.MARGIN * scene.size
-    options = [(o, axis) for o in unique for axis in HALVES if abs(getattr(o, axis) - half) >= margin]
-    rng.shuffle(options)
-    out = []
-    for o, axis in options[:k]:
-        answer = HALVES[axis][int(getattr(o, axis) > half)]
-        out.append((rng.choice(WHERE[axis]).format(o=f"{o.colour} {o.shape}"), answer))
-    return out
+where_questions = scenes.half_questions  # "Is the red circle in the left or the right half of the image?"
 
 
 WHICH = {"x": ["Which is further to the left, the {a} or the {b}?", "Which one is more to the left: the {a} or the {b}?"],

@@ -38,7 +38,7 @@ from transformers import (
 from llava.config import META_KEY, AssemblySpec, LlavaMeta
 from llava.images import CLIP_MEAN, CLIP_STD, ImageProcessing, num_image_tokens
 from llava.parts import cached_gguf_dir, is_shipped, shipped_dir
-from llava.projector import STANDARD_PROJECTOR, LlavaVariantConfig, LlavaVariantForConditionalGeneration
+from llava.projector import STANDARD_PROJECTOR, LlavaVariantConfig, LlavaVariantForConditionalGeneration, has_rowcol
 from llava.templates import IMAGE_PLACEHOLDER, get_template, to_jinja
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -142,6 +142,7 @@ def image_processing_for(spec: AssemblySpec, vision_config, family: VisionFamily
         num_prefix_tokens=family.num_prefix_tokens,
         keep_cls=spec.vision_feature_select_strategy == "full" and family.num_prefix_tokens > 0,
         grid_pinpoints=tuple(tuple(p) for p in spec.grid_pinpoints) if spec.grid_pinpoints else None,
+        reading_orders=2 if has_rowcol(spec.projector) else 1,
     )
 
 
@@ -227,7 +228,9 @@ def save_checkpoint(model, tokenizer, proc: ImageProcessing, template: str, out_
             patch_size=proc.patch_size,
             vision_feature_select_strategy=model.config.vision_feature_select_strategy,
             chat_template=chat_template,
-            num_additional_image_tokens=proc.num_prefix_tokens,
+            # LlavaProcessor counts (size / patch)^2 + this (less the CLS under "default"); a second reading order
+            # of the grid adds (size / patch)^2 more
+            num_additional_image_tokens=proc.num_prefix_tokens + (proc.reading_orders - 1) * (proc.size // proc.patch_size) ** 2,
         )
         processor_cls(**kwargs).save_pretrained(tmp)
         if out_dir.exists():

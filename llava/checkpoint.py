@@ -17,6 +17,7 @@ from transformers.utils import cached_file
 
 from llava.config import LlavaMeta
 from llava.images import CLIP_MEAN, CLIP_STD, ImageProcessing
+from llava.projector import has_rowcol
 from llava.templates import Template, TemplateError, get_template
 from llava.zoo import get_entry
 
@@ -91,6 +92,7 @@ def image_processing_from_hf(path: str, config: dict) -> ImageProcessing:
         num_prefix_tokens=prefix, keep_cls=strategy == "full" and prefix > 0,
         grid_pinpoints=tuple(tuple(p) for p in pinpoints) if pinpoints and mode == "anyres" else None,
         anyres_max=anyres_max,
+        reading_orders=2 if has_rowcol(config.get("projector_type", "")) else 1,
     )
 
 

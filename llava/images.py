@@ -79,6 +79,9 @@ class ImageProcessing:
     # LLaVA-OneVision's anyres_max_N (anyres only): tile features above ~N tiles are downsized, a newline ends each
     # row; several images in one request are one padded base view each (+ a newline)
     anyres_max: int | None = None
+    # 2: the model reads each image's patch grid twice, row after row and then column after column (a `_rowcol`
+    # projector, llava/projector.py), so an image takes twice the grid's tokens
+    reading_orders: int = 1
 
     def __post_init__(self) -> None:
         if self.mode not in get_args(Mode):
@@ -96,6 +99,11 @@ class ImageProcessing:
             self._check_anyres()
         elif self.grid_pinpoints is not None or self.anyres_max is not None:
             raise ProcessingConfigError(f"grid_pinpoints / anyres_max are only used by mode 'anyres', not {self.mode!r}")
+        if self.reading_orders not in (1, 2):
+            raise ProcessingConfigError(f"reading_orders must be 1 or 2, got {self.reading_orders}")
+        if self.reading_orders == 2 and (self.mode == "anyres" or self.keep_cls):
+            raise ProcessingConfigError("reading_orders 2 needs one square patch grid per image: not with mode 'anyres' "
+                                        "or a kept CLS token")
         if self.anyres_max is not None and self.anyres_max < 1:
             raise ProcessingConfigError(f"anyres_max must be >= 1, got {self.anyres_max}")
 
@@ -113,6 +121,8 @@ class ImageProcessing:
         d = dataclasses.asdict(self)
         if d["anyres_max"] is None:
             del d["anyres_max"]  # absent in checkpoints and cache keys written before it existed
+        if d["reading_orders"] == 1:
+            del d["reading_orders"]  # likewise
         d["mean"], d["std"] = list(self.mean), list(self.std)
         d["grid_pinpoints"] = None if self.grid_pinpoints is None else [list(p) for p in self.grid_pinpoints]
         return d
@@ -282,7 +292,7 @@ def num_image_tokens(proc: ImageProcessing, image_size: tuple[int, int], multi: 
     """How many `<image>` tokens an image of original (height, width) `image_size` needs under `proc`; `multi`:
     one of several images in a request (OneVision gives each one base view + a newline)."""
     side = proc.size // proc.patch_size
-    base = side * side + (proc.num_prefix_tokens if proc.keep_cls else 0)
+    base = side * side * proc.reading_orders + (proc.num_prefix_tokens if proc.keep_cls else 0)
     if proc.mode != "anyres":
         return base
     if multi and proc.anyres_max is not None:

@@ -10,7 +10,14 @@ from transformers import AutoModelForImageTextToText, LlavaForConditionalGenerat
 from llava.assemble import AssemblyError, assemble
 from llava.config import AssemblySpec
 from llava.loading import LoadError, load_model
-from llava.projector import LlavaVariantForConditionalGeneration, ProjectorError, projector_depth, sincos_2d
+from llava.checkpoint import image_processing_from_hf
+from llava.projector import (
+    LlavaVariantForConditionalGeneration,
+    ProjectorError,
+    column_major,
+    projector_depth,
+    sincos_2d,
+)
 from llava.testing import make_tiny_llava, make_tiny_llm_dir, make_tiny_vision_dir
 
 
@@ -88,6 +95,39 @@ def test_pos2d_projector_adds_a_trained_embedding_per_token_position(tmp_path):
         proj(torch.randn(1, 5, proj.linear_1.in_features))
     proj(torch.zeros(0, 1, proj.linear_1.in_features)).sum().backward()
     assert proj.position_embedding.grad is not None and not proj.position_embedding.grad.any()
+
+
+def test_rowcol_projector_reads_the_grid_by_rows_then_by_columns(tmp_path):
+    """`_rowcol`: an image takes twice its grid's tokens everywhere they are counted (config, our processing, the HF
+    processor saved beside the model, a load without our metadata); the second half is the first, column-major."""
+    from transformers import AutoProcessor
+
+    path = make_tiny_llava(tmp_path, projector="mlp2x_gelu_rowcol")
+    config = json.loads((path / "config.json").read_text())
+    assert config["image_seq_length"] == 8 and config["projector_type"] == "mlp2x_gelu_rowcol"
+    lm = load_model(str(path), dtype="float32")
+    assert lm.process_images([_image()])[0].num_tokens == 8
+    assert image_processing_from_hf(str(path), config).reading_orders == 2
+    proj = lm.model.model.multi_modal_projector
+    feats = torch.randn(3, 4, proj.linear_1.in_features)
+    with torch.no_grad():
+        out = proj(feats)
+    assert out.shape[:2] == (3, 8)
+    grid = out[:, :4].reshape(3, 2, 2, -1)
+    assert torch.equal(out[:, 4:], grid.transpose(1, 2).reshape(3, 4, -1))  # (0,0) (1,0) (0,1) (1,1)
+    assert torch.equal(out[:, 5], out[:, 2]) and torch.equal(out[:, 6], out[:, 1])
+    assert torch.equal(column_major(column_major(out[:, :4])), out[:, :4])
+    with pytest.raises(ProjectorError, match="square patch grid"):
+        proj(torch.randn(1, 5, proj.linear_1.in_features))
+    processor = AutoProcessor.from_pretrained(path)
+    batch = processor(images=_image(), text="<image>\nWhat is it?", return_tensors="pt")
+    assert int((batch["input_ids"] == lm.model.config.image_token_id).sum()) == 8
+    with torch.no_grad():  # transformers' own forward: 8 image tokens, 8 features
+        assert torch.isfinite(lm.model(**batch).logits).all()
+    assert torch.isfinite(_logits(lm)).all()
+    both = make_tiny_llava(tmp_path / "both", projector="mlp2x_gelu_rowcol_pos2d")
+    assert load_model(str(both)).model.model.multi_modal_projector.position_embedding.shape[0] == 8
+    assert projector_depth("mlp2x_gelu_rowcol_pos2d") == 2
 
 
 def test_sincos_2d_codes_rows_and_columns_apart():

@@ -73,7 +73,8 @@ def parse_args(argv):
     p.add_argument("--projector", default="mlp2x_gelu",
                    help="projector type (llava/projector.py); with --recipe scenes, the scenes stage's: "
                         "mlp2x_gelu_pos2d adds a trained embedding per image-token position, starting at zero when "
-                        "the init's projector has none")
+                        "the init's projector has none; mlp2x_gelu_rowcol shows each image's tokens row by row, then "
+                        "column by column (twice the tokens, no new weights)")
     p.add_argument("--stage1-rows", type=int, default=1200)
     p.add_argument("--stage1-lr", type=float, default=1e-3)
     p.add_argument("--stage2-rows", type=int, default=None, help="dialogues (default: all ~4,600)")
@@ -108,6 +109,11 @@ def parse_args(argv):
                    help="start at this generated row (a continuation run on rows an earlier run did not see)")
     g.add_argument("--scenes-questions", type=int, default=6,
                    help="more questions asked of each one-image training scene, packed as independent turns (0 = one)")
+    g.add_argument("--scenes-relations", type=int, default=0,
+                   help="up to N more relation questions per one-image training scene (other object pairs)")
+    g.add_argument("--scenes-halves", type=int, default=0,
+                   help="up to N 'is the X in the left or the right half' questions per one-image training scene "
+                        "(a training aid for relations: train.scenes.half_questions)")
     g.add_argument("--easyvqa-repeat", type=int, default=2,
                    help="copies of the easy-VQA rows among the rows trained on (keeps what the old default knew)")
     g.add_argument("--easyvqa-branches", type=int, default=0,
@@ -325,14 +331,17 @@ def scenes_data(args, spec: AssemblySpec, root: Path, base: Path) -> tuple[Path,
     extra = f"-e{args.easyvqa_repeat}" if args.easyvqa_repeat != 1 else ""
     extra += f"-from{args.scenes_skip}" if args.scenes_skip else ""
     extra += f"-q{args.scenes_questions}" if args.scenes_questions else ""
+    extra += f"-r{args.scenes_relations}" if args.scenes_relations else ""
+    extra += f"-h{args.scenes_halves}" if args.scenes_halves else ""
     extra += f"-b{args.easyvqa_branches}" if args.easyvqa_branches else ""
     mix = data / f"train-mix-{args.scenes_rows or 'all'}{extra}-t{args.text_repeat}.json"
     if not mix.is_file():
         rows = json.loads((data / "train.json").read_text())[args.scenes_skip:]
         rows = rows[:args.scenes_rows]
-        if args.scenes_questions:
+        if args.scenes_questions or args.scenes_relations or args.scenes_halves:
             described = json.loads((data / "scenes-train.json").read_text())
-            rows = scenes.add_questions(rows, described, args.scenes_questions, args.scenes_seed)
+            rows = scenes.add_questions(rows, described, args.scenes_questions, args.scenes_seed,
+                                        relations=args.scenes_relations, halves=args.scenes_halves)
         rows += [r for r in rows if r["family"] == "easyvqa"] * (args.easyvqa_repeat - 1)
         if args.easyvqa_branches:  # images after those the rebuilt init's stages 2 and 2b trained on
             start = INIT_STAGE2_ROWS + args.init_stage2b_rows
@@ -410,14 +419,17 @@ def build_scenes(args) -> int:
     m = finished(stage) or run(TrainConfig(
         stage="stage2", data=str(mix), output_dir=str(stage), lr=args.scenes_lr,
         projector_lr=args.scenes_projector_lr, epochs=args.scenes_epochs, tune=args.scenes_tune,
-        independent_turns=bool(args.scenes_questions or args.easyvqa_branches), lora_r=args.lora_r,
+        independent_turns=bool(args.scenes_questions or args.scenes_relations or args.scenes_halves or args.easyvqa_branches),
+        lora_r=args.lora_r,
         lora_alpha=args.lora_alpha, export=True, max_minutes=budget, **start,
         batch_size=args.batch_size, feature_cache_dir=str(args.runs / "feature-cache"), save_steps=args.save_steps,
         logging_steps=5))
     keep = ("rows", "final_loss", "train_seconds", "total_seconds", "cache_fill_seconds", "seconds_per_step",
             "global_step", "stopped_by_time_budget_at")
     report = {"init": str(init), "generate_seconds": gen_seconds, "stage": {k: m.get(k) for k in keep},
-              "tune": args.scenes_tune, "lora": {"r": args.lora_r, "alpha": args.lora_alpha}, "scenes_questions": args.scenes_questions}
+              "tune": args.scenes_tune, "lora": {"r": args.lora_r, "alpha": args.lora_alpha}, "scenes_questions": args.scenes_questions,
+              "scenes_relations": args.scenes_relations, "scenes_halves": args.scenes_halves, "projector": args.projector,
+              "image_tokens": json.loads((base / "config.json").read_text()).get("image_seq_length")}
     print(json.dumps(report), flush=True)
     if args.skip_eval:
         return 0

@@ -11,6 +11,7 @@ Promises:
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -51,8 +52,10 @@ class FeatureCache:
 
     def __init__(self, root: str | Path, vision_tower, proc: ImageProcessing, layer: int | list[int], strategy: str):
         self.vision_tower, self.proc, self.layer, self.strategy = vision_tower, proc, layer, strategy
+        # features are the projector's input: a second reading order of the grid (a `_rowcol` projector) reuses them
+        plain = dataclasses.replace(proc, reading_orders=1).key()
         ident = json.dumps(
-            {"encoder": encoder_fingerprint(vision_tower), "proc": proc.key(), "layer": layer, "strategy": strategy},
+            {"encoder": encoder_fingerprint(vision_tower), "proc": plain, "layer": layer, "strategy": strategy},
             sort_keys=True,
         )
         self.file = Path(root) / f"features-{hashlib.sha256(ident.encode()).hexdigest()[:20]}.safetensors"

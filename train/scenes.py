@@ -24,7 +24,8 @@ Promises:
 - `add_questions(rows, scenes, k, seed)` (used by `train.build_default --scenes-questions`) appends up to k more
   questions about each one-image training scene as further exchanges, each of another kind and answered under the
   same rules; trained as independent turns, one image's tokens then serve k + 1 questions. A word present in the
-  scene is always asked. The files written by `generate` do not change.
+  scene is always asked. The files written by `generate` do not change. `relations=R, halves=H` add up to R more
+  relation questions and H "is the X in the left or the right half" questions (a training aid for relations).
 - `demo_examples(data, demo)` copies the first test row of every family (easy-VQA aside) into the demo folder as
   `scenes-<family>[-n].png` (+ manifest.json entries naming the row and answer) and returns them as web UI examples
   `{"files": [names], "text": question}`.
@@ -625,23 +626,71 @@ def scene_questions(rng: random.Random, scene: Scene, k: int, skip: str = "") ->
     return [options[kind]() for kind in kinds[:k]]
 
 
-def add_questions(rows: list[dict], scenes: dict[str, dict], k: int, seed: int) -> list[dict]:
+HALVES = {"x": ("left", "right"), "y": ("top", "bottom")}
+HALF_TEMPLATES = {"x": ["Is the {o} in the left or the right half of the image?", "Is the {o} on the left or on the right?"],
+                  "y": ["Is the {o} in the top or the bottom half of the image?", "Is the {o} at the top or at the bottom?"]}
+
+
+def half_questions(rng: random.Random, scene: Scene, k: int) -> list[tuple[str, str]]:
+    """Up to k (question, answer) pairs: which half of the image (left/right, top/bottom) one object is in. Only
+    objects named uniquely by colour and shape and at least MARGIN from the centre line on that axis. A training aid,
+    not a test family: reading one object's place is a step of every relation question and far easier to learn."""
+    objs = scene.objects
+    unique = [o for o in objs if sum((p.colour, p.shape) == (o.colour, o.shape) for p in objs) == 1]
+    half, margin = scene.size / 2, MARGIN * scene.size
+    options = [(o, axis) for o in unique for axis in HALVES if abs(getattr(o, axis) - half) >= margin]
+    rng.shuffle(options)
+    return [(rng.choice(HALF_TEMPLATES[axis]).format(o=f"{o.colour} {o.shape}"), HALVES[axis][int(getattr(o, axis) > half)])
+            for o, axis in options[:k]]
+
+
+def relation_questions(rng: random.Random, scene: Scene, k: int) -> list[Question]:
+    """Up to k relation questions about one scene, each about another (a, relation, b) triple, yes/no 50/50, under
+    the builders' rules (objects unique by colour and shape, MARGIN apart on the axis)."""
+    objs = scene.objects
+    unique = [o for o in objs if sum((p.colour, p.shape) == (o.colour, o.shape) for p in objs) == 1]
+    triples = [(a, rel, b) for rel in RELATIONS for a in unique for b in unique if holds(a, rel, b, MARGIN * scene.size)]
+    rng.shuffle(triples)
+    out = []
+    for a, rel, b in triples[:k]:
+        yes = rng.random() < 0.5
+        if not yes:
+            a, b = b, a
+        out.append(Question("relation", {"a": (a.colour, a.shape), "b": (b.colour, b.shape), "rel": rel}, "yes" if yes else "no"))
+    return out
+
+
+def add_questions(rows: list[dict], scenes: dict[str, dict], k: int, seed: int, relations: int = 0,
+                  halves: int = 0) -> list[dict]:
     """Training rows with up to `k` more questions about each one-image scene appended as further exchanges (each
     with the short-answer instruction, for `independent_turns` tree packing: every exchange sees the image and
-    itself only). Two-image, caption and easy-VQA rows are kept as they are; images stay the same files."""
+    itself only). Two-image, caption and easy-VQA rows are kept as they are; images stay the same files.
+    `relations` / `halves`: up to that many more relation questions (other triples than the row's own) and "which
+    half is the X in" questions (`half_questions`) per scene, after the k (which they leave as they were)."""
     out = []
     for row in rows:
         image = row.get("image")
-        if not k or not isinstance(image, str) or image not in scenes or row["family"] == "caption":
+        if not (k or relations or halves) or not isinstance(image, str) or image not in scenes or row["family"] == "caption":
             out.append(row)
             continue
         rng = random.Random(f"scenes:{seed}:more:{row['id']}")
         scene = scene_from_dict(scenes[image])
         conv = list(row["conversations"])
-        for q in scene_questions(rng, scene, k, skip=row["kind"]):
-            conv += [{"from": "human", "value": human(rng.choice(TEMPLATES[q.kind][0]).format(**fields(q.slots, False)),
-                                                      0, True)},
-                     {"from": "gpt", "value": q.answer}]
+
+        def ask(question: str, answer: str) -> None:
+            conv.extend([{"from": "human", "value": human(question, 0, True)}, {"from": "gpt", "value": answer}])
+
+        for q in scene_questions(rng, scene, k, skip=row["kind"]) if k else []:
+            ask(rng.choice(TEMPLATES[q.kind][0]).format(**fields(q.slots, False)), q.answer)
+        if relations or halves:
+            extra = random.Random(f"scenes:{seed}:extra:{row['id']}")
+            asked = {t["value"].replace("<image>\n", "") for t in conv if t["from"] == "human"}
+            fresh = [q for q in relation_questions(extra, scene, relations + 2)
+                     if not any(human(t.format(**fields(q.slots, False)), 0, True) in asked for t in TEMPLATES["relation"][0])]
+            for q in fresh[:relations]:
+                ask(extra.choice(TEMPLATES["relation"][0]).format(**fields(q.slots, False)), q.answer)
+            for text, answer in half_questions(extra, scene, halves):
+                ask(text, answer)
         out.append({**row, "conversations": conv})
     return out
 
