@@ -251,6 +251,10 @@ def test_processing_json_round_trip_and_key():
     assert back == proc and back.key() == proc.key()
     assert ImageProcessing().key() == ImageProcessing().key()
     assert len({ImageProcessing().key(), ImageProcessing(mode="crop").key(), ImageProcessing(keep_cls=True).key()}) == 3
+    assert "reading_orders" not in ImageProcessing().to_dict()  # keys written before it existed stay the same
+    two = ImageProcessing(size=28, reading_orders=2)
+    assert ImageProcessing.from_dict(two.to_dict()) == two and two.key() != ImageProcessing(size=28).key()
+    assert num_image_tokens(two, (28, 28)) == 2 * num_image_tokens(ImageProcessing(size=28), (28, 28)) == 8
 
 
 @pytest.mark.parametrize(
@@ -262,6 +266,9 @@ def test_processing_json_round_trip_and_key():
         ({"mode": "anyres", "size": 32, "patch_size": 8, "grid_pinpoints": ((32, 48),)}, "multiples of size"),
         ({"mode": "anyres", "size": 32, "patch_size": 8, "grid_pinpoints": PINPOINTS, "keep_cls": True}, "CLS"),
         ({"mode": "pad", "grid_pinpoints": PINPOINTS}, "only used by mode 'anyres'"),
+        ({"reading_orders": 3}, "1 or 2"),
+        ({"reading_orders": 2, "keep_cls": True}, "square patch grid"),
+        ({"mode": "anyres", "size": 32, "patch_size": 8, "grid_pinpoints": PINPOINTS, "reading_orders": 2}, "square patch grid"),
     ],
 )
 def test_processing_rejects_inconsistent_config(kwargs, words):

@@ -160,6 +160,43 @@ def test_added_questions_follow_from_the_scenes(data):
     assert sum(counted[str(n)] for n in range(2, 6)) > 0.2 * total, counted
 
 
+def test_extra_relation_and_half_questions_follow_from_the_scenes(data):
+    """relations=2, halves=3: the first k questions stay as they were; the extra relation questions are answered
+    under the relation rules and not asked twice; half questions name a unique object clear of the centre line."""
+    described = load(data, "scenes-train.json")
+    found = {k: scenes.scene_from_dict(v) for k, v in described.items()}
+    rows = load(data, "train.json")
+    plain = scenes.add_questions(rows, described, 6, seed=5)
+    more = scenes.add_questions(rows, described, 6, seed=5, relations=2, halves=3)
+    assert more == scenes.add_questions(rows, described, 6, seed=5, relations=2, halves=3)
+    kinds, halves = Counter(), Counter()
+    for row, before in zip(more, plain):
+        conv = row["conversations"]
+        assert conv[:len(before["conversations"])] == before["conversations"]
+        extra = conv[len(before["conversations"]):]
+        if row["family"] in ("caption", "easyvqa", "two_image"):
+            assert not extra
+            continue
+        asked = [t["value"].replace("<image>\n", "") for t in conv[::2]]
+        assert len(asked) == len(set(asked))
+        for human, gpt in zip(extra[::2], extra[1::2]):
+            single = {**row, "conversations": [{"from": "human", "value": "<image>\n" + human["value"]}, gpt]}
+            q = question(single)
+            if " half" in q or q.endswith(("on the right?", "at the bottom?")):
+                ((c, sh),) = named(q)
+                (o,) = [o for o in found[row["image"]].objects if (o.colour, o.shape) == (c, sh)]
+                axis = "x" if "left" in q else "y"
+                assert abs(getattr(o, axis) - SIZE / 2) >= scenes.MARGIN * SIZE
+                assert gpt["value"] == scenes.HALVES[axis][int(getattr(o, axis) > SIZE / 2)]
+                halves[gpt["value"]] += 1
+            else:
+                assert _kind_of(single) == "relation"
+                assert expected({**single, "family": "relation"}, found) == gpt["value"]
+                kinds[gpt["value"]] += 1
+    assert sum(kinds.values()) > 50 and 0.35 < kinds["yes"] / sum(kinds.values()) < 0.65, kinds
+    assert set(halves) == {"left", "right", "top", "bottom"} and sum(halves.values()) > 100, halves
+
+
 def _kind_of(row: dict) -> str:
     """The family of a single question by its wording (training templates)."""
     q = question(row)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import shutil
 from pathlib import Path
 
@@ -162,6 +163,22 @@ def test_plain_projector_continues_on_a_pos2d_base_and_trains_its_position_embed
     exported = load_file(tmp_path / "s2" / "hf" / "model.safetensors")
     assert torch.equal(exported["model.multi_modal_projector.position_embedding"],
                        state["model.multi_modal_projector.position_embedding"])
+
+
+def test_rowcol_base_continues_a_plain_stage_on_its_cached_features(tiny, tmp_path):
+    """A `_rowcol` base (twice the image tokens, the same projector weights) continues a plain stage: the stage's
+    projector loads as it is, the vision features cached for the plain model serve it unchanged, and it trains."""
+    data = write_data(tmp_path, n=8)
+    run(cfg(tiny, data, tmp_path / "s1", stage="stage1", max_steps=2))
+    rowcol = make_tiny_llava(tmp_path / "rc", family="dinov2", projector="mlp2x_gelu_rowcol")
+    m = run(cfg(rowcol, data, tmp_path / "s2", stage="stage2", tune="lora", lora_r=4, lora_alpha=8, max_steps=6,
+                lr=1e-2, init_from=str(tmp_path / "s1"), export=True))
+    assert m["cache_images_encoded"] == 0  # the same feature file as the plain base's
+    ls = losses(m)
+    assert all(math.isfinite(x) for x in ls) and ls[-1] < ls[0], ls
+    first = load_file(tmp_path / "s1" / "projector.safetensors")
+    assert set(load_file(tmp_path / "s2" / "projector.safetensors")) == set(first)
+    assert json.loads((tmp_path / "s2" / "hf" / "config.json").read_text())["image_seq_length"] == 8
 
 
 def test_stage1_rejects_llm_training(tiny, tmp_path):
