@@ -22,7 +22,10 @@ own column and row; run it beside the same with the default '[6, -2]' to compare
 projector and adapter, plus a new trained embedding per grid cell added to the image tokens, starting at zero or at
 fixed 2-D sine/cosine codes (`--pos2d-rms`, default 0.1; the init's projected tokens have RMS ~0.24).
 `--view transposed|both` shows the model the transposed image (so it reads the picture column by column) or the image
-and its transpose as two `<image>`s, questions and answers unchanged (about the original image).
+and its transpose as two `<image>`s, questions and answers unchanged (about the original image). The recipe's way to
+the same end is a `_rowcol` projector (llava/projector.py: the one image's tokens by rows, then by columns, one encoder
+pass): give `--base` a base assembled with it (e.g. `python -m train.build_default --recipe scenes --projector
+mlp2x_gelu_rowcol` writes one to runs/scenes/base) and keep `--view original`.
 
 Writes <out>/report.json: the run's steps, loss curve summary, and scores. A diagnostic, not part of the recipe.
 """

@@ -488,7 +488,11 @@ def scenes_card(spec: AssemblySpec, report: dict) -> str:
         f"- One stage-2 pass, LoRA r {report['lora']['r']} / alpha {report['lora']['alpha']} + projector continued, on {st['rows']} rows (train.scenes, seed 0, plus the "
         f"text-only rows; {report.get('scenes_questions', 0)} more questions per one-image scene as independent turns), "
         f"{st['global_step']} steps, {st['train_seconds'] / 60:.1f} min "
-        f"({st['seconds_per_step']:.1f} s/step), final loss {st['final_loss']:.3f}.", "",
+        f"({st['seconds_per_step']:.1f} s/step), final loss {st['final_loss']:.3f}"
+        + (f"; {report['scenes_relations']} more relation and {report['scenes_halves']} which-half questions per scene"
+           if report.get("scenes_relations") or report.get("scenes_halves") else "") + ".",
+        f"- {report.get('image_tokens', 64)} tokens per image (projector `{report.get('projector', spec.projector)}`"
+        + ("; the 8x8 patch grid read by rows, then by columns" if "_rowcol" in report.get("projector", "") else "") + ").", "",
         "## Scores (held-out test and paraphrase sets of train.scenes; `python -m train.evaluate --rows`)", "",
         f"Overall: test {test['overall']:.3f}, paraphrases {para['overall']:.3f}; easy-VQA test "
         f"{report['easyvqa']['accuracy']:.4f} (n {report['easyvqa']['n']}).", "",
