@@ -62,3 +62,24 @@ def test_scenes_mix_takes_easyvqa_images_the_rebuilt_init_never_saw_as_independe
     assert built[0].stage2b_rows == 0 and built[0].stage2_rows == INIT_STAGE2_ROWS
     assert scenes_init(parse_args(["--recipe", "scenes", "--runs", str(tmp_path), "--scenes-init", "rebuild"])) \
         == tmp_path / "default" / "stage2b"
+
+
+def test_scenes_model_card_lists_every_family_the_recipe_and_tokens_per_image():
+    from train.build_default import default_spec, scenes_card
+    from train.scenes import FAMILIES
+
+    families = {f: {"n": 10, "score": 0.5 + i / 100} for i, f in enumerate(FAMILIES)}
+    report = {"init": "assets/default", "lora": {"r": 8, "alpha": 16}, "scenes_questions": 6, "scenes_relations": 2,
+              "scenes_halves": 3, "projector": "mlp2x_gelu_rowcol", "image_tokens": 128,
+              "stage": {"rows": 9000, "global_step": 300, "train_seconds": 6000.0, "seconds_per_step": 20.0,
+                        "final_loss": 0.6},
+              "test": {"overall": 0.55, "families": families},
+              "paraphrase": {"overall": 0.45, "families": {f: v for f, v in families.items() if f != "easyvqa"}},
+              "easyvqa": {"accuracy": 0.93, "n": 1000},
+              "chat": [{"prompt": "Hi?", "reply": "Hello there, how can I help you today?", "words": 8}]}
+    card = scenes_card(default_spec([6, -2], "mlp2x_gelu_rowcol"), report)
+    assert "128 tokens per image (projector `mlp2x_gelu_rowcol`; the 8x8 patch grid read by rows, then by columns)" in card
+    assert "2 more relation and 3 which-half questions per scene" in card
+    for f in FAMILIES:
+        assert f"| {f} | 10 |" in card
+    assert "| easyvqa | 10 | 0.570 | nan |" in card and "easy-VQA test 0.9300 (n 1000)" in card
