@@ -56,8 +56,7 @@ WHICH = {"x": ["Which is further to the left, the {a} or the {b}?", "Which one i
 
 def which_questions(rng: random.Random, scene: scenes.Scene, k: int) -> list[tuple[str, str]]:
     """Up to k (question, answer) pairs naming the further-left or higher of two uniquely named objects."""
-    objs = scene.objects
-    unique = [o for o in objs if sum((p.colour, p.shape) == (o.colour, o.shape) for p in objs) == 1]
+    unique = scenes.unique_objects(scene)
     margin = scenes.MARGIN * scene.size
     options = [(a, b, axis) for i, a in enumerate(unique) for b in unique[i + 1:] for axis in WHICH
                if abs(getattr(a, axis) - getattr(b, axis)) >= margin]

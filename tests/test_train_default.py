@@ -78,7 +78,7 @@ def test_scenes_model_card_lists_every_family_the_recipe_and_tokens_per_image():
               "easyvqa": {"accuracy": 0.93, "n": 1000},
               "chat": [{"prompt": "Hi?", "reply": "Hello there, how can I help you today?", "words": 8}]}
     card = scenes_card(default_spec([6, -2], "mlp2x_gelu_rowcol"), report)
-    assert "128 tokens per image (projector `mlp2x_gelu_rowcol`; the 8x8 patch grid read by rows, then by columns)" in card
+    assert "128 tokens per image (projector `mlp2x_gelu_rowcol`; the patch grid read by rows, then by columns)" in card
     assert "2 more relation and 3 which-half questions per scene" in card
     for f in FAMILIES:
         assert f"| {f} | 10 |" in card

@@ -492,7 +492,7 @@ def scenes_card(spec: AssemblySpec, report: dict) -> str:
         + (f"; {report['scenes_relations']} more relation and {report['scenes_halves']} which-half questions per scene"
            if report.get("scenes_relations") or report.get("scenes_halves") else "") + ".",
         f"- {report.get('image_tokens', 64)} tokens per image (projector `{report.get('projector', spec.projector)}`"
-        + ("; the 8x8 patch grid read by rows, then by columns" if "_rowcol" in report.get("projector", "") else "") + ").", "",
+        + ("; the patch grid read by rows, then by columns" if "_rowcol" in report.get("projector", "") else "") + ").", "",
         "## Scores (held-out test and paraphrase sets of train.scenes; `python -m train.evaluate --rows`)", "",
         f"Overall: test {test['overall']:.3f}, paraphrases {para['overall']:.3f}; easy-VQA test "
         f"{report['easyvqa']['accuracy']:.4f} (n {report['easyvqa']['n']}).", "",

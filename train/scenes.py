@@ -605,7 +605,7 @@ def scene_questions(rng: random.Random, scene: Scene, k: int, skip: str = "") ->
                     return Question(f"position/{ask}", {"dir": d}, getattr(_extreme(scene, d), ask))
 
                 options[f"position/{ask}"] = position
-        unique = [o for o in objs if sum((p.colour, p.shape) == (o.colour, o.shape) for p in objs) == 1]
+        unique = unique_objects(scene)
         pairs = [(a, rel, b) for rel in RELATIONS for a in unique for b in unique
                  if holds(a, rel, b, MARGIN * scene.size)]
         if pairs:
@@ -626,6 +626,11 @@ def scene_questions(rng: random.Random, scene: Scene, k: int, skip: str = "") ->
     return [options[kind]() for kind in kinds[:k]]
 
 
+def unique_objects(scene: Scene) -> list[Obj]:
+    """The objects no other object shares colour and shape with ("the red circle" names one of them only)."""
+    return [o for o in scene.objects if sum((p.colour, p.shape) == (o.colour, o.shape) for p in scene.objects) == 1]
+
+
 HALVES = {"x": ("left", "right"), "y": ("top", "bottom")}
 HALF_TEMPLATES = {"x": ["Is the {o} in the left or the right half of the image?", "Is the {o} on the left or on the right?"],
                   "y": ["Is the {o} in the top or the bottom half of the image?", "Is the {o} at the top or at the bottom?"]}
@@ -635,8 +640,7 @@ def half_questions(rng: random.Random, scene: Scene, k: int) -> list[tuple[str, 
     """Up to k (question, answer) pairs: which half of the image (left/right, top/bottom) one object is in. Only
     objects named uniquely by colour and shape and at least MARGIN from the centre line on that axis. A training aid,
     not a test family: reading one object's place is a step of every relation question and far easier to learn."""
-    objs = scene.objects
-    unique = [o for o in objs if sum((p.colour, p.shape) == (o.colour, o.shape) for p in objs) == 1]
+    unique = unique_objects(scene)
     half, margin = scene.size / 2, MARGIN * scene.size
     options = [(o, axis) for o in unique for axis in HALVES if abs(getattr(o, axis) - half) >= margin]
     rng.shuffle(options)
@@ -647,8 +651,7 @@ def half_questions(rng: random.Random, scene: Scene, k: int) -> list[tuple[str, 
 def relation_questions(rng: random.Random, scene: Scene, k: int) -> list[Question]:
     """Up to k relation questions about one scene, each about another (a, relation, b) triple, yes/no 50/50, under
     the builders' rules (objects unique by colour and shape, MARGIN apart on the axis)."""
-    objs = scene.objects
-    unique = [o for o in objs if sum((p.colour, p.shape) == (o.colour, o.shape) for p in objs) == 1]
+    unique = unique_objects(scene)
     triples = [(a, rel, b) for rel in RELATIONS for a in unique for b in unique if holds(a, rel, b, MARGIN * scene.size)]
     rng.shuffle(triples)
     out = []
