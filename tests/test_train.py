@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import shutil
@@ -14,7 +15,7 @@ from safetensors.torch import load_file
 
 from llava.templates import IGNORE_INDEX
 from llava.testing import make_tiny_llava
-from train.data import Collator, DatasetError, LlavaDataset, ModalityLengthSampler, check_row
+from train.data import Collator, DatasetError, LlavaDataset, ModalityLengthSampler, check_row, token_counts
 from train.evaluate import Item, normalize, score
 from train.train import ConfigError, TrainConfig, run
 
@@ -117,6 +118,9 @@ def test_collator_pads_and_mixes_text_only_rows(tiny, tmp_path):
     assert batch["pixel_values"].shape == (1, 3, 16, 16)
     assert batch["attention_mask"][1].sum() == len(ds[2].input_ids)
     assert (batch["labels"][1][batch["attention_mask"][1] == 0] == IGNORE_INDEX).all()
+    assert token_counts(batch, tok.image_token_id) == {
+        "slots": batch["input_ids"].numel(), "tokens": len(ds[0].input_ids) + len(ds[2].input_ids),
+        "image_tokens": 4, "label_tokens": sum(t != IGNORE_INDEX for t in ds[0].labels + ds[2].labels)}
 
 
 def test_modality_length_sampler_groups_and_is_deterministic():
@@ -146,6 +150,14 @@ def test_few_steps_of_each_stage_reduce_loss(tiny, tmp_path, stage, tune):
     assert (out / "projector.safetensors").is_file() and (out / "loss.png").is_file()
     if tune == "lora":
         assert (out / "adapter" / "adapter_model.safetensors").is_file()
+        # 12 steps of 4 = 6 epochs of the 8 rows: the token figures are the rows' own, 6 times over
+        ds = LlavaDataset(data, tokenizer_of(tiny), m["template"], proc_of(tiny), image_folder=tmp_path / "img")
+        rows = [ds[i] for i in range(len(ds))]
+        assert m["tokens_per_step"] == pytest.approx(6 * sum(len(e.input_ids) for e in rows) / 12)
+        assert m["label_tokens_per_step"] == pytest.approx(
+            6 * sum(sum(t != IGNORE_INDEX for t in e.labels) for e in rows) / 12)
+        assert m["image_tokens_per_step"] == 4 * 4 and 0 <= m["padding_share"] < 0.5
+        assert m["tokens_per_second"] > 0
 
 
 def test_plain_projector_continues_on_a_pos2d_base_and_trains_its_position_embedding(tiny, tmp_path, capsys):
@@ -379,6 +391,14 @@ def test_independent_turns_packed_as_tree_equal_separate_single_turn_samples(tin
     assert ex.segments is not None and max(ex.segments) == 2 and ex.input_ids.count(tok.image_token_id) == 4
     batch = Collator(tok.pad_token_id)([ex, packed_ds[1]])
     assert batch["attention_mask"].shape[1:] == (1, batch["input_ids"].shape[1], batch["input_ids"].shape[1])
+    short, long = sorted([ex, packed_ds[1]], key=lambda e: len(e.input_ids))
+    if len(short.input_ids) == len(long.input_ids):  # make one row padded: drop the shorter's last branch token
+        short = dataclasses.replace(short, input_ids=short.input_ids[:-1], labels=short.labels[:-1],
+                                    segments=short.segments[:-1], positions=short.positions[:-1])
+    padded = Collator(tok.pad_token_id)([short, long])
+    assert token_counts(padded, tok.image_token_id) == {
+        "slots": 2 * len(long.input_ids), "tokens": len(short.input_ids) + len(long.input_ids), "image_tokens": 8,
+        "label_tokens": sum(t != IGNORE_INDEX for t in short.labels + long.labels)}
     packed = model(**batch)["loss"]
 
     # The same exchanges as separate single-turn rows, loss summed over all their label tokens.

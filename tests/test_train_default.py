@@ -72,7 +72,8 @@ def test_scenes_model_card_lists_every_family_the_recipe_and_tokens_per_image():
     report = {"init": "assets/default", "lora": {"r": 8, "alpha": 16}, "scenes_questions": 6, "scenes_relations": 2,
               "scenes_halves": 3, "projector": "mlp2x_gelu_rowcol", "image_tokens": 128,
               "stage": {"rows": 9000, "global_step": 300, "train_seconds": 6000.0, "seconds_per_step": 20.0,
-                        "final_loss": 0.6},
+                        "final_loss": 0.6, "tokens_per_step": 2712.4, "image_tokens_per_step": 1180.0,
+                        "label_tokens_per_step": 126.7, "padding_share": 0.091},
               "test": {"overall": 0.55, "families": families},
               "paraphrase": {"overall": 0.45, "families": {f: v for f, v in families.items() if f != "easyvqa"}},
               "easyvqa": {"accuracy": 0.93, "n": 1000},
@@ -80,6 +81,7 @@ def test_scenes_model_card_lists_every_family_the_recipe_and_tokens_per_image():
     card = scenes_card(default_spec([6, -2], "mlp2x_gelu_rowcol"), report)
     assert "128 tokens per image (projector `mlp2x_gelu_rowcol`; the patch grid read by rows, then by columns)" in card
     assert "2 more relation and 3 which-half questions per scene" in card
+    assert "(20.0 s/step; 2,712 tokens/step (1,180 image, 127 answer, 9% padding))" in card
     for f in FAMILIES:
         assert f"| {f} | 10 |" in card
     assert "| easyvqa | 10 | 0.570 | nan |" in card and "easy-VQA test 0.9300 (n 1000)" in card

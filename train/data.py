@@ -309,6 +309,21 @@ def tree_mask(examples: Sequence[Example], width: int) -> tuple[torch.Tensor, to
     return mask, positions
 
 
+def token_counts(batch: dict[str, torch.Tensor], image_token_id: int | None = None) -> dict[str, int]:
+    """What a collated batch costs: `slots` (rows x padded width, what the LLM computes over), `tokens` (the real
+    ones), `image_tokens` (of those, `<image>` slots) and `label_tokens` (the positions the loss reads).
+    A tree batch's real positions are those that see their row's first token (a padded one sees only itself)."""
+    mask = batch["attention_mask"]
+    real = mask[:, 0, :, 0] if mask.dim() == 4 else mask.bool()
+    ids = batch["input_ids"]
+    return {
+        "slots": ids.numel(),
+        "tokens": int(real.sum()),
+        "image_tokens": int((ids == image_token_id).sum()) if image_token_id is not None else 0,
+        "label_tokens": int((batch["labels"] != IGNORE_INDEX).sum()),
+    }
+
+
 @dataclass
 class ModalityLengthSampler(Sampler[int]):
     """LLaVA's grouping: batches hold one modality (image or text-only) and rows of similar length.

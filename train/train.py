@@ -342,22 +342,31 @@ def run(cfg: TrainConfig) -> dict:
     trainer = LlavaTrainer(
         model=model, args=args, train_dataset=ds, data_collator=Collator(tokenizer.pad_token_id, cache),
         projector_lr=cfg.projector_lr, group_by_modality_length=cfg.group_by_modality_length, callbacks=callbacks,
+        image_token_id=getattr(tokenizer, "image_token_id", None),
     )
     last = resume_point(cfg, out_dir)
     t_train = time.perf_counter()
     result = trainer.train(resume_from_checkpoint=last)
-    extra.update(train_seconds=time.perf_counter() - t_train, total_seconds=time.perf_counter() - t_start,
+    train_seconds = time.perf_counter() - t_train
+    extra.update(train_seconds=train_seconds, total_seconds=time.perf_counter() - t_start,
                  final_loss=result.training_loss, resumed_from=last, global_step=trainer.state.global_step,
                  seconds_per_step=timer.seconds_per_step(),
                  stopped_by_time_budget_at=budget.stopped_at if cfg.max_minutes is not None else None,
                  schedule_fitted_to_steps=budget.fitted_steps if cfg.max_minutes is not None else None,
                  zero_stage=trainer.accelerator.state.deepspeed_plugin.zero_stage if trainer.is_deepspeed_enabled else None)
+    # steps this run took (a resumed run's earlier steps are not in trainer.tokens)
+    extra.update(trainer.token_report(trainer.state.global_step - _step_of(last), train_seconds))
     with gathered_weights(model):
         if args.should_save:
             save_outputs(cfg, model, tokenizer, proc, template, out_dir)
     if args.should_save:
         return write_run_report(trainer, out_dir, extra)
     return extra
+
+
+def _step_of(checkpoint: str | None) -> int:
+    """The optimizer step a checkpoint was taken at (0 for a fresh run)."""
+    return json.loads((Path(checkpoint) / TRAINER_STATE_NAME).read_text())["global_step"] if checkpoint else 0
 
 
 def resume_point(cfg: TrainConfig, out_dir: Path) -> str | None:

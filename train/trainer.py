@@ -10,6 +10,8 @@ Promises:
   a plain shuffle (`ShuffleSampler`); both group by the global batch and drop an epoch's last partial one, so the
   rows of each optimizer step do not depend on the number of processes or accumulation steps.
 - `StepTimer` records the wall time of every optimizer step (the median, first step left out, is `seconds_per_step`).
+- `LlavaTrainer.tokens` adds up what the batches this process trained on cost (`train.data.token_counts`: padded
+  slots, real tokens, image tokens, label tokens), so a run says where its compute went.
 - `write_run_report` writes metrics.json and loss.png beside the run.
 """
 
@@ -20,13 +22,14 @@ import json
 import os
 import statistics
 import time
+from collections import Counter
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
-from train.data import ModalityLengthSampler, ShuffleSampler
+from train.data import ModalityLengthSampler, ShuffleSampler, token_counts
 from train.modeling import PROJECTOR_PREFIX, load_trainable, trainable_state
 
 TRAINABLE_FILE = "trainable.safetensors"
@@ -38,10 +41,28 @@ def global_batch(args: TrainingArguments) -> int:
 
 
 class LlavaTrainer(Trainer):
-    def __init__(self, *args, projector_lr: float | None = None, group_by_modality_length: bool = False, **kwargs):
+    def __init__(self, *args, projector_lr: float | None = None, group_by_modality_length: bool = False,
+                 image_token_id: int | None = None, **kwargs):
         super().__init__(*args, **kwargs)
         self.projector_lr = projector_lr
         self.group_by_modality_length = group_by_modality_length
+        self.image_token_id = image_token_id
+        self.tokens: Counter[str] = Counter()
+
+    def training_step(self, model, inputs, *args, **kwargs):
+        self.tokens.update(token_counts(inputs, self.image_token_id))
+        return super().training_step(model, inputs, *args, **kwargs)
+
+    def token_report(self, steps: int, train_seconds: float) -> dict:
+        """Per optimizer step and per second of training, from `tokens` (this process)."""
+        t = self.tokens
+        if not steps or not t["slots"]:
+            return {}
+        return {
+            "tokens_per_step": t["tokens"] / steps, "image_tokens_per_step": t["image_tokens"] / steps,
+            "label_tokens_per_step": t["label_tokens"] / steps, "padding_share": 1 - t["tokens"] / t["slots"],
+            "tokens_per_second": t["tokens"] / train_seconds if train_seconds > 0 else None,
+        }
 
     def _get_train_sampler(self, train_dataset=None):
         """Our own samplers, never Trainer's: every process draws the same index stream (deterministic in seed and
