@@ -354,19 +354,14 @@ def run(cfg: TrainConfig) -> dict:
                  stopped_by_time_budget_at=budget.stopped_at if cfg.max_minutes is not None else None,
                  schedule_fitted_to_steps=budget.fitted_steps if cfg.max_minutes is not None else None,
                  zero_stage=trainer.accelerator.state.deepspeed_plugin.zero_stage if trainer.is_deepspeed_enabled else None)
-    # steps this run took (a resumed run's earlier steps are not in trainer.tokens)
-    extra.update(trainer.token_report(trainer.state.global_step - _step_of(last), train_seconds))
+    # per step this run took (the timer's steps: a resumed run's earlier steps are not in trainer.tokens either)
+    extra.update(trainer.token_report(len(timer.seconds), train_seconds))
     with gathered_weights(model):
         if args.should_save:
             save_outputs(cfg, model, tokenizer, proc, template, out_dir)
     if args.should_save:
         return write_run_report(trainer, out_dir, extra)
     return extra
-
-
-def _step_of(checkpoint: str | None) -> int:
-    """The optimizer step a checkpoint was taken at (0 for a fresh run)."""
-    return json.loads((Path(checkpoint) / TRAINER_STATE_NAME).read_text())["global_step"] if checkpoint else 0
 
 
 def resume_point(cfg: TrainConfig, out_dir: Path) -> str | None:
