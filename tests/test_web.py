@@ -238,7 +238,8 @@ def test_stop_keeps_the_partial_reply(stack, tmp_path):
     handlers.add_text(chat, {"text": "What color is the shape?", "files": [str(DEMO / "easyvqa-35.png")]})
 
     async def stop_after(n: int) -> str:
-        gen = handlers.bot_response(chat, "tiny", 1.0, 1.0, 400, "default", None)
+        # greedy: sampled, the random tiny model may end its reply before n characters (then nothing is stopped)
+        gen = handlers.bot_response(chat, "tiny", 0.0, 1.0, 400, "default", None)
         shown = ""
         async for out in gen:
             shown = out[1][-1]["content"] if out[1][-1]["role"] == "assistant" else ""
