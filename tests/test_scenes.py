@@ -197,6 +197,27 @@ def test_extra_relation_and_half_questions_follow_from_the_scenes(data):
     assert set(halves) == {"left", "right", "top", "bottom"} and sum(halves.values()) > 100, halves
 
 
+def test_half_test_rows_ask_each_test_scene_where_one_named_object_is(data):
+    """The build's which-half diagnostic: at most one question per test scene, each about an object named uniquely
+    and clear of the centre line, answered by the scene; both axes asked; the same rows every time."""
+    described = load(data, "scenes-test.json")
+    rows = scenes.half_test_rows(described)
+    assert rows == scenes.half_test_rows(described) and rows != scenes.half_test_rows(described, seed=1)
+    assert len({r["image"] for r in rows}) == len(rows) == len({r["id"] for r in rows}) > 0.5 * len(described)
+    axes = Counter()
+    for row in rows:
+        assert row["family"] == "halves" and (data / row["image"]).is_file()
+        q, answer = question(row), row["conversations"][1]["value"]
+        ((c, sh),) = named(q)
+        (o,) = [o for o in scenes.scene_from_dict(described[row["image"]]).objects if (o.colour, o.shape) == (c, sh)]
+        axis = row["kind"].split("/")[1]
+        assert ("left" in q) == (axis == "x")
+        assert abs(getattr(o, axis) - SIZE / 2) >= scenes.MARGIN * SIZE
+        assert answer == scenes.HALVES[axis][int(getattr(o, axis) > SIZE / 2)]
+        axes[axis] += 1
+    assert axes["x"] > 10 and axes["y"] > 10, axes
+
+
 def _kind_of(row: dict) -> str:
     """The family of a single question by its wording (training templates)."""
     q = question(row)
@@ -283,6 +304,10 @@ def test_scorer_figures(tmp_path):
     assert report["families"]["text"]["score"] == 1.0 and report["families"]["existence"]["score"] == 0.0
     assert report["families"]["caption"]["score"] == pytest.approx(0.6667, abs=1e-4)  # 2 of 3 pairs named
     assert report["missing"] == 1 and report["n"] == 6
+    assert report["families"]["existence"] == {"n": 1, "score": 0.0, "answered_yes": 0.0}  # unanswered: not "yes"
+    yes_no = [row(6, "relation", "no"), row(7, "relation", "yes"), row(8, "relation", "no"), row(9, "relation", "no")]
+    said = scenes_eval.score(yes_no, {"q6": "Yes.", "q7": "yes", "q8": "no", "q9": "YES"})["families"]["relation"]
+    assert said == {"n": 4, "score": 0.5, "answered_yes": 0.75}  # scores like a coin, answers mostly "yes"
     assert report["overall"] == pytest.approx((1 + 0 + 1 + 0 + 2 / 3 + 1) / 6, abs=1e-4)
 
     qfile = tmp_path / "test.json"

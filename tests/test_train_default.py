@@ -74,7 +74,8 @@ def test_scenes_model_card_lists_every_family_the_recipe_and_tokens_per_image():
               "stage": {"rows": 9000, "global_step": 300, "train_seconds": 6000.0, "seconds_per_step": 20.0,
                         "final_loss": 0.6, "tokens_per_step": 2712.4, "image_tokens_per_step": 1180.0,
                         "label_tokens_per_step": 126.7, "padding_share": 0.091},
-              "test": {"overall": 0.55, "families": families},
+              "test": {"overall": 0.55, "families": {**families, "relation": {"n": 10, "score": 0.5, "answered_yes": 0.84}}},
+              "halves": {"kinds": {"halves/x": {"n": 113, "score": 0.69}, "halves/y": {"n": 127, "score": 0.8425}}},
               "paraphrase": {"overall": 0.45, "families": {f: v for f, v in families.items() if f != "easyvqa"}},
               "easyvqa": {"accuracy": 0.93, "n": 1000},
               "chat": [{"prompt": "Hi?", "reply": "Hello there, how can I help you today?", "words": 8}]}
@@ -85,3 +86,19 @@ def test_scenes_model_card_lists_every_family_the_recipe_and_tokens_per_image():
     for f in FAMILIES:
         assert f"| {f} | 10 |" in card
     assert "| easyvqa | 10 | 0.570 | nan |" in card and "easy-VQA test 0.9300 (n 1000)" in card
+    assert "Yes/no families, share answered yes: relation 84%." in card
+    assert "left/right 0.690 (n 113), top/bottom 0.843 (n 127)" in card
+
+
+def test_which_half_diagnostic_asks_the_test_scenes_with_their_images(tmp_path, monkeypatch):
+    """build_default's evaluation asks one which-half question per test scene; the images resolve in data/."""
+    from train import build_default, scenes
+
+    scenes.generate(tmp_path / "data", seed=3, n_train=10, n_test=40, image_size=56)
+    calls = []
+    monkeypatch.setattr(build_default, "evaluate_rows", lambda *a, **k: calls.append((a, k)) or {"kinds": {}})
+    assert build_default.evaluate_halves(tmp_path / "model", tmp_path) == {"kinds": {}}
+    ((model, rows, out), kw), = calls
+    assert model == tmp_path / "model" and out == tmp_path / "eval-halves" and kw["image_folder"] == tmp_path / "data"
+    asked = json.loads(rows.read_text())
+    assert asked and all((tmp_path / "data" / r["image"]).is_file() and r["family"] == "halves" for r in asked)

@@ -21,8 +21,9 @@ Every stage resumes from its newest checkpoint when the command is re-run with t
    the init never saw with all their questions as independent turns (what stage 2b trains);
    `--max-minutes` ends it on time on a busy machine (outputs saved as after a full pass, the learning-rate
    schedule fitted to the steps the time holds), `--build-minutes` gives it what the whole invocation has left;
-3. evaluate on the held-out test.json and paraphrase_test.json per family (train.scenes_eval), on easy-VQA test and
-   on text-only chat prompts the recipe never trained on; write runs/<name>/report.json. With `--ship` and every
+3. evaluate on the held-out test.json and paraphrase_test.json per family (train.scenes_eval), on one which-half
+   question per test scene (a diagnostic for relations, outside the targets: runs/<name>/eval-halves), on easy-VQA
+   test and on text-only chat prompts the recipe never trained on; write runs/<name>/report.json. With `--ship` and every
    target met, the pieces go to assets/default/ (the easy-VQA ones are kept as assets/default-easyvqa/) with one
    web UI example per family (assets/default/examples.json).
 The easy-VQA model it starts from is `--scenes-init` (default: the shipped easy-VQA pieces), or `rebuild` to run the
@@ -361,16 +362,31 @@ def chat_check(model_dir: Path) -> list[dict]:
     return [{"prompt": q, "reply": a, "words": len(a.split())} for q, a in zip(CHAT_CHECK, answers)]
 
 
-def evaluate_rows(model_dir: Path, rows: Path, out_dir: Path, max_new_tokens: int = 64) -> dict:
+def evaluate_rows(model_dir: Path, rows: Path, out_dir: Path, max_new_tokens: int = 64,
+                  image_folder: Path | None = None) -> dict:
     """train.evaluate --rows in a subprocess: per-family scores (report.json written to out_dir)."""
     report = out_dir / "report.json"
     if not report.is_file():
         subprocess.run([sys.executable, "-m", "train.evaluate", "--model-path", str(model_dir), "--rows", str(rows),
                         "--out-dir", str(out_dir), "--no-progress", "--quantization", "none",
-                        "--max-new-tokens", str(max_new_tokens)],
+                        "--max-new-tokens", str(max_new_tokens)]
+                       + (["--image-folder", str(image_folder)] if image_folder else []),
                        check=True, capture_output=True, text=True)
     r = json.loads(report.read_text())
     return {k: r[k] for k in ("overall", "n", "missing", "seconds", "families", "kinds")}
+
+
+def evaluate_halves(model: Path, root: Path) -> dict:
+    """The which-half diagnostic (train.scenes.half_test_rows) on the test scenes: does the model read where one
+    object is, left/right (kind halves/x) and top/bottom (halves/y)? Relation questions compare two such places."""
+    from train.scenes import half_test_rows
+
+    out = root / "eval-halves"
+    out.mkdir(parents=True, exist_ok=True)
+    rows = out / "rows.json"
+    if not rows.is_file():
+        rows.write_text(json.dumps(half_test_rows(json.loads((root / "data" / "scenes-test.json").read_text()))))
+    return evaluate_rows(model, rows, out, max_new_tokens=8, image_folder=root / "data")
 
 
 def targets_met(report: dict) -> dict[str, bool]:
@@ -438,6 +454,7 @@ def build_scenes(args) -> int:
     t_eval = time.perf_counter()
     report["test"] = evaluate_rows(model, root / "data" / "test.json", root / "eval-test")
     report["paraphrase"] = evaluate_rows(model, root / "data" / "paraphrase_test.json", root / "eval-paraphrase")
+    report["halves"] = evaluate_halves(model, root)
     report["easyvqa"] = finished_eval(root / "eval-easyvqa") or evaluate(model, args.eval_limit, root / "eval-easyvqa")
     report["chat"] = chat_check(model)
     report["targets"] = targets_met(report)
@@ -446,7 +463,7 @@ def build_scenes(args) -> int:
     report["build_minutes"] = {
         "init (easy-VQA recipe when rebuilt)": init_seconds / 60, "scenes data": gen_seconds / 60,
         "scenes stage (cache fill + training)": m.get("total_seconds", 0) / 60,
-        "evaluation (test, paraphrases, easy-VQA, chat)": (time.perf_counter() - t_eval) / 60,
+        "evaluation (test, paraphrases, which-half, easy-VQA, chat)": (time.perf_counter() - t_eval) / 60,
         "total": (time.perf_counter() - t_start) / 60}
     (root / "report.json").write_text(json.dumps(report, indent=1) + "\n")
     print(json.dumps({"targets": report["targets"], "test": report["test"]["overall"],
@@ -478,6 +495,22 @@ def step_cost(stage: dict) -> str:
             f"{stage['label_tokens_per_step']:,.0f} answer, {stage['padding_share']:.0%} padding)")
 
 
+def yes_share(test: dict) -> str:
+    """The yes/no families' answered_yes ("..., share answered yes: existence 52%, relation 84%. "), if scored."""
+    shares = [f"{f} {v['answered_yes']:.0%}" for f, v in test["families"].items() if "answered_yes" in v]
+    return f"Yes/no families, share answered yes: {', '.join(shares)}. " if shares else ""
+
+
+def halves_line(halves: dict | None) -> str:
+    """The which-half diagnostic's scores by axis, if it ran."""
+    if not halves:
+        return ""
+    kinds = halves["kinds"]
+    axis = lambda k: f"{kinds[k]['score']:.3f} (n {kinds[k]['n']})" if k in kinds else "-"  # noqa: E731
+    return (f"Which half one named object is in (a diagnostic, not a family): left/right {axis('halves/x')}, "
+            f"top/bottom {axis('halves/y')}.")
+
+
 def scenes_card(spec: AssemblySpec, report: dict) -> str:
     """MODEL_CARD.md of the scenes model: recipe, every family's score on both test sets, what it cannot do."""
     from train.scenes import COLORS, SHAPES, WORDS
@@ -506,7 +539,8 @@ def scenes_card(spec: AssemblySpec, report: dict) -> str:
         f"Overall: test {test['overall']:.3f}, paraphrases {para['overall']:.3f}; easy-VQA test "
         f"{report['easyvqa']['accuracy']:.4f} (n {report['easyvqa']['n']}).", "",
         "| family | n | test | paraphrase |", "|---|---|---|---|", *rows, "",
-        "Captions score object recall. Text-only chat, prompts never trained on:", "", chat, "",
+        "Captions score object recall. " + yes_share(test) + halves_line(report.get("halves")),
+        "", "Text-only chat, prompts never trained on:", "", chat, "",
         "## What it cannot do", "",
         f"It knows {len(COLORS)} colours, {len(SHAPES)} shapes, 1-5 objects on light grounds, {len(WORDS)} printed "
         "words and two images at a time; photos, other objects, longer text and more images are outside what it was trained on.", ""])

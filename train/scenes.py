@@ -25,7 +25,8 @@ Promises:
   questions about each one-image training scene as further exchanges, each of another kind and answered under the
   same rules; trained as independent turns, one image's tokens then serve k + 1 questions. A word present in the
   scene is always asked. The files written by `generate` do not change. `relations=R, halves=H` add up to R more
-  relation questions and H "is the X in the left or the right half" questions (a training aid for relations).
+  relation questions and H "is the X in the left or the right half" questions (a training aid for relations);
+  `half_test_rows(scenes)` asks one such question of each test scene, a diagnostic outside the test families.
 - `demo_examples(data, demo)` copies the first test row of every family (easy-VQA aside) into the demo folder as
   `scenes-<family>[-n].png` (+ manifest.json entries naming the row and answer) and returns them as web UI examples
   `{"files": [names], "text": question}`.
@@ -646,6 +647,19 @@ def half_questions(rng: random.Random, scene: Scene, k: int) -> list[tuple[str, 
     rng.shuffle(options)
     return [(rng.choice(HALF_TEMPLATES[axis]).format(o=f"{o.colour} {o.shape}"), HALVES[axis][int(getattr(o, axis) > half)])
             for o, axis in options[:k]]
+
+
+def half_test_rows(scenes: dict[str, dict], seed: int = 0) -> list[dict]:
+    """One which-half question per scene that has one to ask (`half_questions`, its own seeded draw per image), as
+    rows {family "halves", kind "halves/x" (left/right) or "halves/y" (top/bottom)}: what `train.build_default`
+    asks of the test scenes to tell whether a model reads where one object is, the step relation questions build
+    on. Not a test family (the targets leave it out)."""
+    rows = []
+    for image, d in sorted(scenes.items()):
+        for text, answer in half_questions(random.Random(f"scenes:{seed}:halves:{image}"), scene_from_dict(d), 1):
+            axis = "x" if answer in HALVES["x"] else "y"
+            rows.append(_row(f"halves-{Path(image).stem}", image, human(text, 1, True), answer, "halves", f"halves/{axis}"))
+    return rows
 
 
 def relation_questions(rng: random.Random, scene: Scene, k: int) -> list[Question]:

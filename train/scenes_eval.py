@@ -8,7 +8,9 @@ Promises:
   (colour, shape) pairs, counted with multiplicity, that the answer names as "<colour> <shape>" ("two red
   circles" names two).
   A question without an answer scores 0 and is counted as missing. Reported: per family and per kind
-  {n, score}, and overall (the mean over all questions).
+  {n, score}, and overall (the mean over all questions). A group whose references are all yes / no also reports
+  `answered_yes`, the share of its questions answered "yes": a score near 0.5 with answered_yes far from 0.5 is a
+  model that answers one way, not one that guesses.
 - `--answers FILE.jsonl` reads the answer JSONL the runners write (`{question_id, text, ...}`), prints the report
   (last line: one JSON object) and writes it to `--out` when given.
 - `--to-questions FILE.jsonl` writes single-image rows as `{question_id, image, text, answer, category}` -- what
@@ -75,13 +77,20 @@ def score(rows: list[dict], answers: dict[str, str]) -> dict:
         answer = answers.get(str(row["id"]))
         missing += answer is None
         s = question_score(row, answer)
-        by_family[row.get("family", "unknown")].append(s)
-        by_kind[row.get("kind", row.get("family", "unknown"))].append(s)
+        yes_no = normalize(row["conversations"][-1]["value"]) in ("yes", "no")
+        said_yes = answer is not None and normalize(answer) == "yes"
+        by_family[row.get("family", "unknown")].append((s, yes_no, said_yes))
+        by_kind[row.get("kind", row.get("family", "unknown"))].append((s, yes_no, said_yes))
 
     def summary(groups):
-        return {k: {"n": len(v), "score": round(sum(v) / len(v), 4)} for k, v in sorted(groups.items())}
+        out = {}
+        for k, v in sorted(groups.items()):
+            out[k] = {"n": len(v), "score": round(sum(s for s, _, _ in v) / len(v), 4)}
+            if all(yes_no for _, yes_no, _ in v):
+                out[k]["answered_yes"] = round(sum(said for _, _, said in v) / len(v), 4)
+        return out
 
-    scores = [s for v in by_family.values() for s in v]
+    scores = [s for v in by_family.values() for s, _, _ in v]
     return {"overall": round(sum(scores) / len(scores), 4) if scores else 0.0, "n": len(scores), "missing": missing,
             "families": summary(by_family), "kinds": summary(by_kind)}
 
