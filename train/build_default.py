@@ -34,6 +34,7 @@ easy-VQA recipe first (<runs>/default) -- the from-nothing path: `--scenes-init 
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import shutil
 import subprocess
@@ -47,6 +48,7 @@ from llava.config import AssemblySpec
 from llava.parts import SHIPPED_LLM, SHIPPED_VISION
 from train import easyvqa
 from train.train import TrainConfig, run
+from train.trainer import release_heap
 
 ASSETS = Path(__file__).resolve().parents[1] / "assets" / "default"
 ASSETS_EASYVQA = ASSETS.with_name(DEFAULT_NAMES[1])  # the easy-VQA default, once the scenes model replaces it
@@ -451,6 +453,8 @@ def build_scenes(args) -> int:
     if args.skip_eval:
         return 0
     model = stage / "hf"
+    gc.collect()  # the evaluation runs in subprocesses: leave them the memory the training freed
+    release_heap()
     t_eval = time.perf_counter()
     report["test"] = evaluate_rows(model, root / "data" / "test.json", root / "eval-test")
     report["paraphrase"] = evaluate_rows(model, root / "data" / "paraphrase_test.json", root / "eval-paraphrase")

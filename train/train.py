@@ -49,7 +49,7 @@ from train import easyvqa
 from train.data import Collator, LlavaDataset
 from train.features import FeatureCache
 from train.modeling import LlavaForTraining, add_lora, projector_state, set_trainable
-from train.trainer import LlavaTrainer, StepTimer, TimeBudget, global_batch, params_summary, write_run_report
+from train.trainer import HeapTrim, LlavaTrainer, StepTimer, TimeBudget, global_batch, params_summary, write_run_report
 
 Tune = Literal["projector", "full", "lora", "qlora"]
 
@@ -81,6 +81,7 @@ class TrainConfig(BaseModel):
     max_steps: int = -1
     max_minutes: float | None = None  # wall-time budget: stop after the step that exceeds it (1 process)
     fit_schedule: bool = True  # with max_minutes: shorten the learning-rate schedule to the steps the budget holds
+    heap_trim: bool = True  # CPU runs: return freed memory to the OS when training ends (glibc malloc_trim)
     batch_size: int = 8
     grad_accum: int = 1
     bf16: bool | Literal["auto"] = "auto"  # bf16 autocast; auto = only where the CPU/GPU runs bf16 natively
@@ -335,6 +336,8 @@ def run(cfg: TrainConfig) -> dict:
         print(json.dumps({"cache_measurement": extra["cache_measurement"]}), flush=True)
     timer = StepTimer()
     callbacks = [timer]
+    if cfg.heap_trim and not torch.cuda.is_available():
+        callbacks.append(HeapTrim())
     if cfg.max_minutes is not None:
         if args.world_size > 1:
             raise ConfigError("max_minutes needs a single process (processes would stop at different steps)")

@@ -17,6 +17,7 @@ Promises:
 
 from __future__ import annotations
 
+import ctypes
 import functools
 import json
 import os
@@ -121,6 +122,26 @@ class StepTimer(TrainerCallback):
     def seconds_per_step(self) -> float | None:
         """Median over the steps after the first (which pays for warm-up), None before two steps."""
         return statistics.median(self.seconds[1:]) if len(self.seconds) > 1 else None
+
+
+def release_heap() -> bool:
+    """Hand the C heap's free pages back to the OS (glibc `malloc_trim`); False where there is no glibc. PyTorch's CPU
+    allocator frees tensors into glibc's heap, which keeps them: after 12 steps of the scenes stage the process held
+    9.0 GB, of which 0.9 GB were live (measured, issue 14)."""
+    try:
+        return bool(ctypes.CDLL("libc.so.6").malloc_trim(0))
+    except (OSError, AttributeError):
+        return False
+
+
+class HeapTrim(TrainerCallback):
+    """`release_heap` when a CPU run's training ends, so what follows in the same process (export, a build's next
+    stage) does not sit on the training's freed blocks: 30 steps of the scenes stage left 10.4 GB resident, 2.8 GB
+    with this. Not after every step: re-faulting the pages then made steps 38 % slower (6.1 -> 8.4 s, one pair of
+    30-step runs on 2 cores)."""
+
+    def on_train_end(self, args, state, control, **kwargs):
+        release_heap()
 
 
 class TimeBudget(TrainerCallback):
