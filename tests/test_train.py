@@ -462,4 +462,4 @@ def test_release_heap_hands_freed_memory_back_on_glibc():
     blocks = [bytearray(64 * 1024) for _ in range(2000)]  # small blocks come from the heap, not mmap
     del blocks
     assert release_heap() is True
-    assert "on_train_end" in vars(HeapTrim) and "on_step_end" not in vars(HeapTrim)  # per step cost 38 %
+    assert "on_train_end" in vars(HeapTrim) and "on_step_end" not in vars(HeapTrim)
