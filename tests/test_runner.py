@@ -103,6 +103,9 @@ def test_int4_decode_layers_track_transformers_and_rows_are_independent():
     quantize_llm(model, "int4")
     runner = runner_for(model)
     assert runner._q4_layers is not None  # each decoder layer is one kernel call
+    # each runner times its own kernel/dense crossover for prefill (and may release the dense copies, which the
+    # next runner then lacks): pin both prompts' prefill to the kernels, as this test is about the decode rows
+    runner.kernel_prefill_rows = 64
     ids = [5, 17, 99, 23, 8]
     runner.reserve("a", 32)
     first = prefill(runner, "a", ids)
@@ -112,6 +115,7 @@ def test_int4_decode_layers_track_transformers_and_rows_are_independent():
     assert (alone - ref)[real].abs().max() < 0.05 * ref[real].abs().max()  # int8 activations in the kernel
     # the same row again, now decoded beside another request: bit-identical
     other = runner_for(model)
+    other.kernel_prefill_rows = runner.kernel_prefill_rows
     for key, row_ids in (("x", [40, 41, 42, 43, 44, 45, 46]), ("a", ids)):
         other.reserve(key, 32)
         prefill(other, key, row_ids)
