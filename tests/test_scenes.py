@@ -428,3 +428,45 @@ def test_position_probe_reads_a_position_only_where_one_is_encoded():
     assert got["patch_column_exact"] > 0.95 and got["patch_row_exact"] > 0.95
     assert got["object_half_x"] > 0.75 and got["object_half_y"] > 0.75
     assert none["patch_column_exact"] < 0.6 and none["object_half_x"] < 0.7
+
+
+def test_reworded_training_questions_keep_answers_objects_and_directions_and_avoid_held_out_words(data):
+    """train.scenes.reword_rows: other wordings of the training questions, never with the held-out paraphrase set's
+    words (so that set still measures unseen wordings); each question keeps its answer, the objects it names, its
+    direction, its `<image>` lines and the short-answer instruction; easy-VQA rows stay as they are."""
+    rows = scenes.add_questions(load(data, "train.json"), load(data, "scenes-train.json"), 6, seed=5, relations=2)
+    assert scenes.reword_rows(rows, 0.0, seed=5) is rows
+    out = scenes.reword_rows(rows, 1.0, seed=5)
+    assert out == scenes.reword_rows(rows, 1.0, seed=5)  # deterministic
+    para_questions = {question(r) for r in load(data, "paraphrase_test.json")}
+    directions = {"left": "left", "right": "right", "above": "up|over|above", "below": "down|under|beneath|below",
+                  "top": "top", "bottom": "bottom"}
+    changed = total = 0
+    for row, orig in zip(out, rows):
+        if row["family"] == "easyvqa":
+            assert row == orig
+            continue
+        assert [t["from"] for t in row["conversations"]] == [t["from"] for t in orig["conversations"]]
+        for new, old in zip(row["conversations"], orig["conversations"]):
+            if new["from"] == "gpt":
+                assert new == old
+                continue
+            a, b = new["value"], old["value"]
+            assert a.count("<image>\n") == b.count("<image>\n") and a.startswith("<image>" if "<image>" in b else "")
+            assert a.endswith(SHORT_ANSWER) == b.endswith(SHORT_ANSWER)
+            qa, qb = a.replace("<image>\n", "").lower(), b.replace("<image>\n", "").lower()
+            total += 1
+            changed += qa != qb
+            assert not any(w in qa for w in scenes.HELD_OUT_WORDS), qa
+            assert question({"conversations": [new]}) not in para_questions
+            assert named(qa) == named(qb), (qa, qb)
+            for word, found in directions.items():
+                if re.search(rf"\b{word}(most)?\b", qb) and not named(qb):  # a position question keeps its side
+                    assert re.search(rf"\b({found})", qa), (qa, qb)
+            rel = [w for w in ("left", "right", "above", "below") if re.search(rf"\b{w}\b", qb)]
+            if len(named(qb)) == 2 and len(rel) == 1:  # a relation keeps its direction, whatever its words
+                assert re.search(rf"\b({directions[rel[0]]})", qa), (qa, qb)
+    assert total > 1000 and changed > 0.6 * total
+    # every held-out template has a held-out word, and no training template has one
+    assert all(any(w in t.lower() for w in scenes.HELD_OUT_WORDS) for kind in scenes.TEMPLATES.values() for t in kind[1])
+    assert not any(w in t.lower() for kind in scenes.TEMPLATES.values() for t in kind[0] for w in scenes.HELD_OUT_WORDS)

@@ -117,6 +117,9 @@ def parse_args(argv):
     g.add_argument("--scenes-halves", type=int, default=0,
                    help="up to N 'is the X in the left or the right half' questions per one-image training scene "
                         "(a training aid for relations: train.scenes.half_questions)")
+    g.add_argument("--scenes-reword", type=float, default=0.0,
+                   help="share of the scenes' training questions asked in other words (train.scenes.reword_rows; "
+                        "none of the held-out paraphrase set's words)")
     g.add_argument("--easyvqa-repeat", type=int, default=2,
                    help="copies of the easy-VQA rows among the rows trained on (keeps what the old default knew)")
     g.add_argument("--easyvqa-branches", type=int, default=0,
@@ -337,6 +340,7 @@ def scenes_data(args, spec: AssemblySpec, root: Path, base: Path) -> tuple[Path,
     extra += f"-r{args.scenes_relations}" if args.scenes_relations else ""
     extra += f"-h{args.scenes_halves}" if args.scenes_halves else ""
     extra += f"-b{args.easyvqa_branches}" if args.easyvqa_branches else ""
+    extra += f"-w{args.scenes_reword:g}" if args.scenes_reword else ""
     mix = data / f"train-mix-{args.scenes_rows or 'all'}{extra}-t{args.text_repeat}.json"
     if not mix.is_file():
         rows = json.loads((data / "train.json").read_text())[args.scenes_skip:]
@@ -345,6 +349,7 @@ def scenes_data(args, spec: AssemblySpec, root: Path, base: Path) -> tuple[Path,
             described = json.loads((data / "scenes-train.json").read_text())
             rows = scenes.add_questions(rows, described, args.scenes_questions, args.scenes_seed,
                                         relations=args.scenes_relations, halves=args.scenes_halves)
+        rows = scenes.reword_rows(rows, args.scenes_reword, args.scenes_seed)
         rows += [r for r in rows if r["family"] == "easyvqa"] * (args.easyvqa_repeat - 1)
         if args.easyvqa_branches:  # images after those the rebuilt init's stages 2 and 2b trained on
             start = INIT_STAGE2_ROWS + args.init_stage2b_rows
@@ -447,7 +452,7 @@ def build_scenes(args) -> int:
             "label_tokens_per_step", "padding_share", "tokens_per_second")
     report = {"init": str(init), "generate_seconds": gen_seconds, "stage": {k: m.get(k) for k in keep},
               "tune": args.scenes_tune, "lora": {"r": args.lora_r, "alpha": args.lora_alpha}, "scenes_questions": args.scenes_questions,
-              "scenes_relations": args.scenes_relations, "scenes_halves": args.scenes_halves, "projector": args.projector,
+              "scenes_relations": args.scenes_relations, "scenes_halves": args.scenes_halves, "scenes_reword": args.scenes_reword, "projector": args.projector,
               "image_tokens": json.loads((base / "config.json").read_text()).get("image_seq_length")}
     print(json.dumps(report), flush=True)
     if args.skip_eval:
@@ -536,7 +541,9 @@ def scenes_card(spec: AssemblySpec, report: dict) -> str:
         f"{st['global_step']} steps, {st['train_seconds'] / 60:.1f} min "
         f"({st['seconds_per_step']:.1f} s/step{step_cost(st)}), final loss {st['final_loss']:.3f}"
         + (f"; {report['scenes_relations']} more relation and {report['scenes_halves']} which-half questions per scene"
-           if report.get("scenes_relations") or report.get("scenes_halves") else "") + ".",
+           if report.get("scenes_relations") or report.get("scenes_halves") else "")
+        + (f"; {report['scenes_reword']:.0%} of the questions in other words (train.scenes.reword)"
+           if report.get("scenes_reword") else "") + ".",
         f"- {report.get('image_tokens', 64)} tokens per image (projector `{report.get('projector', spec.projector)}`"
         + ("; the patch grid read by rows, then by columns" if "_rowcol" in report.get("projector", "") else "") + ").", "",
         "## Scores (held-out test and paraphrase sets of train.scenes; `python -m train.evaluate --rows`)", "",

@@ -38,6 +38,7 @@ import argparse
 import json
 import math
 import random
+import re
 import shutil
 import subprocess
 import sys
@@ -708,6 +709,74 @@ def add_questions(rows: list[dict], scenes: dict[str, dict], k: int, seed: int, 
                 ask(extra.choice(TEMPLATES["relation"][0]).format(**fields(q.slots, False)), q.answer)
             for text, answer in half_questions(extra, scene, halves):
                 ask(text, answer)
+        out.append({**row, "conversations": conv})
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------- rewording
+# Training-only wordings: the same question in other words, so that a model keys on colours, shapes and directions
+# rather than on the few templates above. None of these use the held-out paraphrase set's words (HELD_OUT_WORDS):
+# that set measures wordings the model never saw, and must keep doing so.
+REWORDINGS = [  # (pattern, replacements): each matching rule fires with probability 1/2
+    (r"\bin the image\b", ["in this photo", "in the scene", "here", "in this image"]),
+    (r"\bthe image\b", ["the photo", "the scene", "this image"]),
+    (r"\bin the first image\b", ["in the first photo", "in image one"]),
+    (r"\bin the second image\b", ["in the second photo", "in image two"]),
+    (r"\bshapes\b", ["objects", "items", "things"]),
+    (r"\b(the|leftmost|rightmost|topmost|bottommost) shape\b", [r"\1 object", r"\1 item"]),
+    (r"\bcolor\b", ["colour"]),
+    (r"\bto the left of\b", ["left of", "further left than"]),
+    (r"\bto the right of\b", ["right of", "further right than"]),
+    (r"\babove\b", ["over", "further up than"]),
+    (r"\bbelow\b", ["under", "beneath", "further down than"]),
+    (r"\bthe leftmost (shape|object|item)\b", [r"the \1 most to the left"]),
+    (r"\bthe rightmost (shape|object|item)\b", [r"the \1 most to the right"]),
+    (r"\bthe topmost (shape|object|item)\b", [r"the \1 nearest the top"]),
+    (r"\bthe bottommost (shape|object|item)\b", [r"the \1 nearest the bottom"]),
+    (r"\bon the far (left|right)\b", [r"at the \1 end", r"at the far \1"]),
+    (r"\bat the (top|bottom)\b", [r"at the very \1"]),
+    (r"^Can you see a\b", ["Do you see a", "Is there a"]),
+    (r"^Is there a (\w+ \w+)\?$", [r"Is a \1 present?", r"Do you see a \1?"]),
+    (r"\bwritten\b", ["shown", "written there"]),
+    (r"^Do both images contain\b", ["Do the two images both contain", "Does each image contain"]),
+]
+FORMS = ["{q}", "{q}", "Question: {q}", "Please answer: {q}", "Look at the image. {q}", "{lower}", "{bare}"]
+HELD_OUT_WORDS = ("picture", "figure", "tell me", "name the", "appear", "sits", "visible", "anywhere", "printed",
+                  "furthest", "highest", "lowest", "side of", "higher than", "lower than", "lone", "include",
+                  "be found", "greater number", "short description", "number of")
+
+
+def reword(rng: random.Random, question: str) -> str:
+    """One training question in other words (REWORDINGS, then one of FORMS); the answer stays what it was."""
+    for pattern, options in REWORDINGS:
+        if re.search(pattern, question) and rng.random() < 0.5:
+            question = re.sub(pattern, rng.choice(options), question)
+    bare = question[:1].lower() + question[1:]
+    return rng.choice(FORMS).format(q=question, lower=bare, bare=bare.rstrip("?"))
+
+
+def reword_rows(rows: list[dict], share: float, seed: int) -> list[dict]:
+    """Training rows with `share` of the generated scenes' questions reworded (`reword`; each human turn drawn on
+    its own, seeded by the row id). easy-VQA and text-only rows are kept as they are; the `<image>` lines and the
+    short-answer instruction stay where they were."""
+    if share <= 0:
+        return rows
+    out = []
+    for row in rows:
+        if row.get("family") in (None, "easyvqa") or "image" not in row:
+            out.append(row)
+            continue
+        rng = random.Random(f"scenes:{seed}:reword:{row['id']}")
+        conv = []
+        for turn in row["conversations"]:
+            if turn["from"] == "human" and rng.random() < share:
+                text = turn["value"]
+                body = text.replace("<image>\n", "")
+                head = "<image>\n" * text.count("<image>\n")
+                tail = "\n" + easyvqa.SHORT_ANSWER if body.endswith("\n" + easyvqa.SHORT_ANSWER) else ""
+                body = body[: len(body) - len(tail)]
+                turn = {**turn, "value": head + reword(rng, body) + tail}
+            conv.append(turn)
         out.append({**row, "conversations": conv})
     return out
 
