@@ -470,3 +470,41 @@ def test_reworded_training_questions_keep_answers_objects_and_directions_and_avo
     # every held-out template has a held-out word, and no training template has one
     assert all(any(w in t.lower() for w in scenes.HELD_OUT_WORDS) for kind in scenes.TEMPLATES.values() for t in kind[1])
     assert not any(w in t.lower() for kind in scenes.TEMPLATES.values() for t in kind[0] for w in scenes.HELD_OUT_WORDS)
+
+
+def test_where_rows_ask_only_relations_and_halves_each_answered_by_its_scene(data):
+    """The relation warm-up's rows (train.scenes.where_rows): one per one-image scene with a relation to ask, the
+    image on the first turn only, relation answers re-derived under the relation rules, which-half answers from the
+    object's place; yes and no balanced."""
+    described = load(data, "scenes-train.json")
+    found = {k: scenes.scene_from_dict(v) for k, v in described.items()}
+    rows = load(data, "train.json")
+    where = scenes.where_rows(rows, described, 4, 4, seed=5)
+    assert where == scenes.where_rows(rows, described, 4, 4, seed=5)
+    by_id = {r["id"]: r for r in rows}
+    answers, halves = Counter(), Counter()
+    for row in where:
+        source = by_id[row["id"].removeprefix("where-")]
+        assert row["image"] == source["image"] and isinstance(row["image"], str)
+        assert source["family"] not in ("caption", "easyvqa", "two_image")
+        conv = row["conversations"]
+        assert conv[0]["value"].startswith("<image>\n") and not any("<image>" in t["value"] for t in conv[1:])
+        n_rel = 0
+        for human, gpt in zip(conv[::2], conv[1::2]):
+            assert human["value"].endswith(SHORT_ANSWER)
+            single = {**row, "conversations": [{"from": "human", "value": "<image>\n" + human["value"].replace("<image>\n", "")}, gpt]}
+            q = question(single)
+            if " half" in q or q.endswith(("on the right?", "at the bottom?")):
+                ((c, sh),) = named(q)
+                (o,) = [o for o in found[row["image"]].objects if (o.colour, o.shape) == (c, sh)]
+                axis = "x" if "left" in q else "y"
+                assert gpt["value"] == scenes.HALVES[axis][int(getattr(o, axis) > SIZE / 2)]
+                halves[axis] += 1
+            else:
+                assert _kind_of(single) == "relation"
+                assert expected({**single, "family": "relation"}, found) == gpt["value"]
+                answers[gpt["value"]] += 1
+                n_rel += 1
+        assert 1 <= n_rel <= 4 and len(conv) // 2 <= 8
+    assert len(where) > 40 and 0.4 < answers["yes"] / sum(answers.values()) < 0.6, answers
+    assert halves["x"] > 20 and halves["y"] > 20, halves

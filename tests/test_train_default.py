@@ -4,6 +4,7 @@ build's time budget."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -76,12 +77,14 @@ def test_scenes_model_card_lists_every_family_the_recipe_and_tokens_per_image():
                         "label_tokens_per_step": 126.7, "padding_share": 0.091},
               "test": {"overall": 0.55, "families": {**families, "relation": {"n": 10, "score": 0.5, "answered_yes": 0.84}}},
               "halves": {"kinds": {"halves/x": {"n": 113, "score": 0.69}, "halves/y": {"n": 127, "score": 0.8425}}},
+              "warmup": {"global_step": 61, "train_seconds": 600.0, "final_loss": 0.41}, "scenes_reword": 0.5,
               "paraphrase": {"overall": 0.45, "families": {f: v for f, v in families.items() if f != "easyvqa"}},
               "easyvqa": {"accuracy": 0.93, "n": 1000},
               "chat": [{"prompt": "Hi?", "reply": "Hello there, how can I help you today?", "words": 8}]}
     card = scenes_card(default_spec([6, -2], "mlp2x_gelu_rowcol"), report)
     assert "128 tokens per image (projector `mlp2x_gelu_rowcol`; the patch grid read by rows, then by columns)" in card
-    assert "2 more relation and 3 which-half questions per scene" in card
+    assert "2 more relation and 3 which-half questions per scene; 50% of the questions in other words" in card
+    assert "a relation warm-up (train.scenes.where_rows: relation and which-half questions only): 61 steps, 10.0 min" in card
     assert "(20.0 s/step; 2,712 tokens/step (1,180 image, 127 answer, 9% padding))" in card
     for f in FAMILIES:
         assert f"| {f} | 10 |" in card
@@ -102,3 +105,39 @@ def test_which_half_diagnostic_asks_the_test_scenes_with_their_images(tmp_path, 
     assert model == tmp_path / "model" and out == tmp_path / "eval-halves" and kw["image_folder"] == tmp_path / "data"
     asked = json.loads(rows.read_text())
     assert asked and all((tmp_path / "data" / r["image"]).is_file() and r["family"] == "halves" for r in asked)
+
+
+def test_relation_warmup_trains_first_and_the_mix_continues_from_it_in_the_time_left(tmp_path, monkeypatch):
+    """--scenes-warmup-minutes: a stage on train.scenes.where_rows from the init, then the mix from that stage, its
+    budget what the warm-up left; the report and card say so."""
+    from train import build_default, scenes
+
+    root = tmp_path / "scenes"
+    scenes.generate(root / "data", seed=3, n_train=40, n_test=10, image_size=56)
+    (root / "base").mkdir(parents=True)
+    (root / "base" / "config.json").write_text(json.dumps({"image_seq_length": 128}))
+    (tmp_path / "text-rows.json").write_text(json.dumps([]))
+    init = tmp_path / "init"
+    init.mkdir()
+    calls = []
+
+    def fake_run(cfg):
+        calls.append(cfg)
+        return {"rows": 1, "final_loss": 0.5, "train_seconds": 540.0, "cache_fill_seconds": 60.0,
+                "seconds_per_step": 9.0, "global_step": 60}
+
+    monkeypatch.setattr(build_default, "run", fake_run)
+    args = build_default.parse_args(["--recipe", "scenes", "--runs", str(tmp_path), "--scenes-init", str(init),
+                                     "--max-minutes", "30", "--scenes-warmup-minutes", "10", "--skip-eval",
+                                     "--scenes-questions", "2"])
+    assert build_default.build_scenes(args) == 0
+    warm, mix = calls
+    assert warm.init_from == str(init) and warm.max_minutes == 10 and warm.output_dir == str(root / "stage-where")
+    rows = json.loads(Path(warm.data).read_text())
+    assert rows and all(r["id"].startswith("where-") for r in rows)
+    assert mix.init_from == str(root / "stage-where") and mix.max_minutes == pytest.approx(30 - 10)
+    assert mix.output_dir == str(root / "stage-scenes")
+    with pytest.raises(SystemExit, match="leaves the mix no time"):
+        build_default.build_scenes(build_default.parse_args(
+            ["--recipe", "scenes", "--runs", str(tmp_path), "--scenes-init", str(init), "--max-minutes", "10",
+             "--scenes-warmup-minutes", "10", "--skip-eval"]))

@@ -120,6 +120,11 @@ def parse_args(argv):
     g.add_argument("--scenes-reword", type=float, default=0.0,
                    help="share of the scenes' training questions asked in other words (train.scenes.reword_rows; "
                         "none of the held-out paraphrase set's words)")
+    g.add_argument("--scenes-warmup-minutes", type=float, default=0.0,
+                   help="first train this long on relation and which-half questions alone (train.scenes.where_rows), "
+                        "then the mix continues from there in what is left of the budget")
+    g.add_argument("--scenes-warmup-questions", type=int, default=4,
+                   help="relation questions and which-half questions per scene in the warm-up rows (up to N of each)")
     g.add_argument("--easyvqa-repeat", type=int, default=2,
                    help="copies of the easy-VQA rows among the rows trained on (keeps what the old default knew)")
     g.add_argument("--easyvqa-branches", type=int, default=0,
@@ -422,6 +427,30 @@ def scenes_budget(args, elapsed: float) -> float | None:
     return budget
 
 
+def warmup_stage(args, root: Path, base: Path, init: Path) -> dict:
+    """The relation curriculum's first pass (--scenes-warmup-minutes): relation and which-half questions only, from
+    the init, into root/stage-where; its metrics."""
+    from train import scenes
+
+    data = root / "data"
+    rows_file = data / f"train-where-{args.scenes_rows or 'all'}-q{args.scenes_warmup_questions}" \
+                       f"{f'-w{args.scenes_reword:g}' if args.scenes_reword else ''}.json"
+    if not rows_file.is_file():
+        rows = json.loads((data / "train.json").read_text())[args.scenes_skip:][:args.scenes_rows]
+        described = json.loads((data / "scenes-train.json").read_text())
+        n = args.scenes_warmup_questions
+        rows = scenes.reword_rows(scenes.where_rows(rows, described, n, n, args.scenes_seed), args.scenes_reword,
+                                  args.scenes_seed)
+        easyvqa.write_json(rows, rows_file)
+    stage = root / "stage-where"
+    return finished(stage) or run(TrainConfig(
+        stage="stage2", data=str(rows_file), output_dir=str(stage), model=str(base), init_from=str(init),
+        lr=args.scenes_lr, projector_lr=args.scenes_projector_lr, epochs=args.scenes_epochs, tune="lora",
+        independent_turns=True, lora_r=args.lora_r, lora_alpha=args.lora_alpha, export=False,
+        max_minutes=args.scenes_warmup_minutes, batch_size=args.batch_size,
+        feature_cache_dir=str(args.runs / "feature-cache"), save_steps=args.save_steps, logging_steps=5))
+
+
 def build_scenes(args) -> int:
     root = args.runs / args.name
     spec = default_spec(args.layer, args.projector)
@@ -439,6 +468,16 @@ def build_scenes(args) -> int:
         if not (init / "hf" / "config.json").is_file():
             raise SystemExit(f"--scenes-tune full starts from {init / 'hf'} (a stage's merged export), which is missing")
         start = dict(model=str(init / "hf"), init_from=None)
+    warmup = None
+    if args.scenes_warmup_minutes > 0:
+        if args.scenes_tune == "full":
+            raise SystemExit("--scenes-warmup-minutes continues a LoRA stage; it does not combine with --scenes-tune full")
+        if budget is not None and budget - args.scenes_warmup_minutes < 1:
+            raise SystemExit(f"--scenes-warmup-minutes {args.scenes_warmup_minutes} leaves the mix no time of the "
+                             f"{budget:.1f}-minute training budget")
+        warmup = warmup_stage(args, root, base, init)
+        start = dict(model=str(base), init_from=str(root / "stage-where"))
+        budget = None if budget is None else budget - (warmup["train_seconds"] + (warmup.get("cache_fill_seconds") or 0)) / 60
     m = finished(stage) or run(TrainConfig(
         stage="stage2", data=str(mix), output_dir=str(stage), lr=args.scenes_lr,
         projector_lr=args.scenes_projector_lr, epochs=args.scenes_epochs, tune=args.scenes_tune,
@@ -451,6 +490,7 @@ def build_scenes(args) -> int:
             "global_step", "stopped_by_time_budget_at", "tokens_per_step", "image_tokens_per_step",
             "label_tokens_per_step", "padding_share", "tokens_per_second")
     report = {"init": str(init), "generate_seconds": gen_seconds, "stage": {k: m.get(k) for k in keep},
+              "warmup": None if warmup is None else {k: warmup.get(k) for k in keep},
               "tune": args.scenes_tune, "lora": {"r": args.lora_r, "alpha": args.lora_alpha}, "scenes_questions": args.scenes_questions,
               "scenes_relations": args.scenes_relations, "scenes_halves": args.scenes_halves, "scenes_reword": args.scenes_reword, "projector": args.projector,
               "image_tokens": json.loads((base / "config.json").read_text()).get("image_seq_length")}
@@ -544,6 +584,9 @@ def scenes_card(spec: AssemblySpec, report: dict) -> str:
            if report.get("scenes_relations") or report.get("scenes_halves") else "")
         + (f"; {report['scenes_reword']:.0%} of the questions in other words (train.scenes.reword)"
            if report.get("scenes_reword") else "") + ".",
+        *([f"- Before it, a relation warm-up (train.scenes.where_rows: relation and which-half questions only): "
+           f"{w['global_step']} steps, {w['train_seconds'] / 60:.1f} min, final loss {w['final_loss']:.3f}."]
+          if (w := report.get("warmup")) else []),
         f"- {report.get('image_tokens', 64)} tokens per image (projector `{report.get('projector', spec.projector)}`"
         + ("; the patch grid read by rows, then by columns" if "_rowcol" in report.get("projector", "") else "") + ").", "",
         "## Scores (held-out test and paraphrase sets of train.scenes; `python -m train.evaluate --rows`)", "",

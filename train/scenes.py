@@ -713,6 +713,31 @@ def add_questions(rows: list[dict], scenes: dict[str, dict], k: int, seed: int, 
     return out
 
 
+def where_rows(rows: list[dict], scenes: dict[str, dict], relations: int, halves: int, seed: int) -> list[dict]:
+    """A relation curriculum: for each one-image training scene with a relation to ask, one row of up to `relations`
+    relation questions and up to `halves` which-half questions (independent turns, shuffled together), nothing
+    else. Reading where each object is comes first, comparing two builds on it (bench.scenes_relation_diag: trained
+    on these alone, relation rose from chance to 85 % in 785 steps, while inside the full mix it stayed at chance)."""
+    out = []
+    for row in rows:
+        image = row.get("image")
+        if not isinstance(image, str) or image not in scenes or row["family"] in ("caption", "easyvqa"):
+            continue
+        rng = random.Random(f"scenes:{seed}:where:{row['id']}")
+        scene = scene_from_dict(scenes[image])
+        qa = [(rng.choice(TEMPLATES["relation"][0]).format(**fields(q.slots, False)), q.answer)
+              for q in relation_questions(rng, scene, relations)]
+        if not qa:
+            continue
+        qa += half_questions(rng, scene, halves)
+        rng.shuffle(qa)
+        conv = []
+        for i, (question, answer) in enumerate(qa):
+            conv += [{"from": "human", "value": human(question, int(i == 0), True)}, {"from": "gpt", "value": answer}]
+        out.append(_row(f"where-{row['id']}", image, "", "", "relation", "relation") | {"conversations": conv})
+    return out
+
+
 # ---------------------------------------------------------------------------------------------------------- rewording
 # Training-only wordings: the same question in other words, so that a model keys on colours, shapes and directions
 # rather than on the few templates above. None of these use the held-out paraphrase set's words (HELD_OUT_WORDS):
