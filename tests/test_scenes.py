@@ -160,6 +160,22 @@ def test_added_questions_follow_from_the_scenes(data):
     assert sum(counted[str(n)] for n in range(2, 6)) > 0.2 * total, counted
 
 
+def check_relation_or_half(row: dict, human: dict, gpt: dict, found: dict[str, scenes.Scene]) -> str:
+    """Assert one relation or which-half exchange about the row's scene is answered by the scene; its kind."""
+    single = {**row, "conversations": [{"from": "human", "value": "<image>\n" + human["value"].replace("<image>\n", "")}, gpt]}
+    q = question(single)
+    if " half" in q or q.endswith(("on the right?", "at the bottom?")):
+        ((c, sh),) = named(q)
+        (o,) = [o for o in found[row["image"]].objects if (o.colour, o.shape) == (c, sh)]
+        axis = "x" if "left" in q else "y"
+        assert abs(getattr(o, axis) - SIZE / 2) >= scenes.MARGIN * SIZE
+        assert gpt["value"] == scenes.HALVES[axis][int(getattr(o, axis) > SIZE / 2)]
+        return "half"
+    assert _kind_of(single) == "relation"
+    assert expected({**single, "family": "relation"}, found) == gpt["value"]
+    return "relation"
+
+
 def test_extra_relation_and_half_questions_follow_from_the_scenes(data):
     """relations=2, halves=3: the first k questions stay as they were; the extra relation questions are answered
     under the relation rules and not asked twice; half questions name a unique object clear of the centre line."""
@@ -180,18 +196,9 @@ def test_extra_relation_and_half_questions_follow_from_the_scenes(data):
         asked = [t["value"].replace("<image>\n", "") for t in conv[::2]]
         assert len(asked) == len(set(asked))
         for human, gpt in zip(extra[::2], extra[1::2]):
-            single = {**row, "conversations": [{"from": "human", "value": "<image>\n" + human["value"]}, gpt]}
-            q = question(single)
-            if " half" in q or q.endswith(("on the right?", "at the bottom?")):
-                ((c, sh),) = named(q)
-                (o,) = [o for o in found[row["image"]].objects if (o.colour, o.shape) == (c, sh)]
-                axis = "x" if "left" in q else "y"
-                assert abs(getattr(o, axis) - SIZE / 2) >= scenes.MARGIN * SIZE
-                assert gpt["value"] == scenes.HALVES[axis][int(getattr(o, axis) > SIZE / 2)]
+            if check_relation_or_half(row, human, gpt, found) == "half":
                 halves[gpt["value"]] += 1
             else:
-                assert _kind_of(single) == "relation"
-                assert expected({**single, "family": "relation"}, found) == gpt["value"]
                 kinds[gpt["value"]] += 1
     assert sum(kinds.values()) > 50 and 0.35 < kinds["yes"] / sum(kinds.values()) < 0.65, kinds
     assert set(halves) == {"left", "right", "top", "bottom"} and sum(halves.values()) > 100, halves
@@ -492,17 +499,9 @@ def test_where_rows_ask_only_relations_and_halves_each_answered_by_its_scene(dat
         n_rel = 0
         for human, gpt in zip(conv[::2], conv[1::2]):
             assert human["value"].endswith(SHORT_ANSWER)
-            single = {**row, "conversations": [{"from": "human", "value": "<image>\n" + human["value"].replace("<image>\n", "")}, gpt]}
-            q = question(single)
-            if " half" in q or q.endswith(("on the right?", "at the bottom?")):
-                ((c, sh),) = named(q)
-                (o,) = [o for o in found[row["image"]].objects if (o.colour, o.shape) == (c, sh)]
-                axis = "x" if "left" in q else "y"
-                assert gpt["value"] == scenes.HALVES[axis][int(getattr(o, axis) > SIZE / 2)]
-                halves[axis] += 1
+            if check_relation_or_half(row, human, gpt, found) == "half":
+                halves["x" if gpt["value"] in scenes.HALVES["x"] else "y"] += 1
             else:
-                assert _kind_of(single) == "relation"
-                assert expected({**single, "family": "relation"}, found) == gpt["value"]
                 answers[gpt["value"]] += 1
                 n_rel += 1
         assert 1 <= n_rel <= 4 and len(conv) // 2 <= 8

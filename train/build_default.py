@@ -329,6 +329,19 @@ def scenes_init(args) -> Path:
     return ASSETS_EASYVQA if (ASSETS_EASYVQA / "projector.safetensors").is_file() else ASSETS
 
 
+def training_rows(args, data: Path) -> list[dict]:
+    """The generated training rows a run trains on: --scenes-rows of them from --scenes-skip."""
+    return json.loads((data / "train.json").read_text())[args.scenes_skip:][:args.scenes_rows]
+
+
+def training_scenes(data: Path) -> dict[str, dict]:
+    return json.loads((data / "scenes-train.json").read_text())
+
+
+def reword_suffix(args) -> str:
+    return f"-w{args.scenes_reword:g}" if args.scenes_reword else ""
+
+
 def scenes_data(args, spec: AssemblySpec, root: Path, base: Path) -> tuple[Path, float]:
     """Generate the data set once (seconds spent) and the training mix: --scenes-rows rows from --scenes-skip + text rows."""
     from train import scenes
@@ -345,14 +358,12 @@ def scenes_data(args, spec: AssemblySpec, root: Path, base: Path) -> tuple[Path,
     extra += f"-r{args.scenes_relations}" if args.scenes_relations else ""
     extra += f"-h{args.scenes_halves}" if args.scenes_halves else ""
     extra += f"-b{args.easyvqa_branches}" if args.easyvqa_branches else ""
-    extra += f"-w{args.scenes_reword:g}" if args.scenes_reword else ""
+    extra += reword_suffix(args)
     mix = data / f"train-mix-{args.scenes_rows or 'all'}{extra}-t{args.text_repeat}.json"
     if not mix.is_file():
-        rows = json.loads((data / "train.json").read_text())[args.scenes_skip:]
-        rows = rows[:args.scenes_rows]
+        rows = training_rows(args, data)
         if args.scenes_questions or args.scenes_relations or args.scenes_halves:
-            described = json.loads((data / "scenes-train.json").read_text())
-            rows = scenes.add_questions(rows, described, args.scenes_questions, args.scenes_seed,
+            rows = scenes.add_questions(rows, training_scenes(data), args.scenes_questions, args.scenes_seed,
                                         relations=args.scenes_relations, halves=args.scenes_halves)
         rows = scenes.reword_rows(rows, args.scenes_reword, args.scenes_seed)
         rows += [r for r in rows if r["family"] == "easyvqa"] * (args.easyvqa_repeat - 1)
@@ -433,22 +444,25 @@ def warmup_stage(args, root: Path, base: Path, init: Path) -> dict:
     from train import scenes
 
     data = root / "data"
-    rows_file = data / f"train-where-{args.scenes_rows or 'all'}-q{args.scenes_warmup_questions}" \
-                       f"{f'-w{args.scenes_reword:g}' if args.scenes_reword else ''}.json"
+    n = args.scenes_warmup_questions
+    rows_file = data / f"train-where-{args.scenes_rows or 'all'}-q{n}{reword_suffix(args)}.json"
     if not rows_file.is_file():
-        rows = json.loads((data / "train.json").read_text())[args.scenes_skip:][:args.scenes_rows]
-        described = json.loads((data / "scenes-train.json").read_text())
-        n = args.scenes_warmup_questions
-        rows = scenes.reword_rows(scenes.where_rows(rows, described, n, n, args.scenes_seed), args.scenes_reword,
-                                  args.scenes_seed)
-        easyvqa.write_json(rows, rows_file)
+        rows = scenes.where_rows(training_rows(args, data), training_scenes(data), n, n, args.scenes_seed)
+        easyvqa.write_json(scenes.reword_rows(rows, args.scenes_reword, args.scenes_seed), rows_file)
     stage = root / "stage-where"
-    return finished(stage) or run(TrainConfig(
-        stage="stage2", data=str(rows_file), output_dir=str(stage), model=str(base), init_from=str(init),
-        lr=args.scenes_lr, projector_lr=args.scenes_projector_lr, epochs=args.scenes_epochs, tune="lora",
-        independent_turns=True, lora_r=args.lora_r, lora_alpha=args.lora_alpha, export=False,
-        max_minutes=args.scenes_warmup_minutes, batch_size=args.batch_size,
-        feature_cache_dir=str(args.runs / "feature-cache"), save_steps=args.save_steps, logging_steps=5))
+    return finished(stage) or run(scenes_stage_config(
+        args, rows_file, stage, dict(model=str(base), init_from=str(init)), args.scenes_warmup_minutes,
+        tune="lora", independent_turns=True, export=False))
+
+
+def scenes_stage_config(args, data: Path, out: Path, start: dict, minutes: float | None, *, tune: str,
+                        independent_turns: bool, export: bool) -> TrainConfig:
+    """A scenes-recipe training pass (the warm-up or the mix) from `start` (model and init_from)."""
+    return TrainConfig(
+        stage="stage2", data=str(data), output_dir=str(out), lr=args.scenes_lr, projector_lr=args.scenes_projector_lr,
+        epochs=args.scenes_epochs, tune=tune, independent_turns=independent_turns, lora_r=args.lora_r,
+        lora_alpha=args.lora_alpha, export=export, max_minutes=minutes, **start, batch_size=args.batch_size,
+        feature_cache_dir=str(args.runs / "feature-cache"), save_steps=args.save_steps, logging_steps=5)
 
 
 def build_scenes(args) -> int:
@@ -478,14 +492,9 @@ def build_scenes(args) -> int:
         warmup = warmup_stage(args, root, base, init)
         start = dict(model=str(base), init_from=str(root / "stage-where"))
         budget = None if budget is None else budget - (warmup["train_seconds"] + (warmup.get("cache_fill_seconds") or 0)) / 60
-    m = finished(stage) or run(TrainConfig(
-        stage="stage2", data=str(mix), output_dir=str(stage), lr=args.scenes_lr,
-        projector_lr=args.scenes_projector_lr, epochs=args.scenes_epochs, tune=args.scenes_tune,
-        independent_turns=bool(args.scenes_questions or args.scenes_relations or args.scenes_halves or args.easyvqa_branches),
-        lora_r=args.lora_r,
-        lora_alpha=args.lora_alpha, export=True, max_minutes=budget, **start,
-        batch_size=args.batch_size, feature_cache_dir=str(args.runs / "feature-cache"), save_steps=args.save_steps,
-        logging_steps=5))
+    m = finished(stage) or run(scenes_stage_config(
+        args, mix, stage, start, budget, tune=args.scenes_tune, export=True,
+        independent_turns=bool(args.scenes_questions or args.scenes_relations or args.scenes_halves or args.easyvqa_branches)))
     keep = ("rows", "final_loss", "train_seconds", "total_seconds", "cache_fill_seconds", "seconds_per_step",
             "global_step", "stopped_by_time_budget_at", "tokens_per_step", "image_tokens_per_step",
             "label_tokens_per_step", "padding_share", "tokens_per_second")

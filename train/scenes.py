@@ -734,7 +734,8 @@ def where_rows(rows: list[dict], scenes: dict[str, dict], relations: int, halves
         conv = []
         for i, (question, answer) in enumerate(qa):
             conv += [{"from": "human", "value": human(question, int(i == 0), True)}, {"from": "gpt", "value": answer}]
-        out.append(_row(f"where-{row['id']}", image, "", "", "relation", "relation") | {"conversations": conv})
+        out.append({"id": f"where-{row['id']}", "image": image, "conversations": conv, "family": "relation",
+                    "kind": "relation"})
     return out
 
 
